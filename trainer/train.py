@@ -1,0 +1,348 @@
+"""The training loop: corpus (or a base checkpoint) → run folder with checkpoints and metrics.
+
+    RUN/
+      train_config.json     the full TrainConfig (resume reads it back)
+      tokenizer/            the run's tokenizer (trained on the corpus, or the base model's)
+      data/                 tokens.bin (+ loss_mask.bin) and dataset.json with its sha256
+      metrics.jsonl         one JSON object per logged step (see metrics.py)
+      loss.png lr.png throughput.png
+      checkpoints/step-NNNNNNN/   complete checkpoints (the newest `keep_checkpoints`)
+      checkpoint -> checkpoints/step-NNNNNNN   the newest, moved by one atomic rename
+      best/                 lowest validation loss so far (weights only, no optimizer)
+
+A fresh run is prepared (tokenizer, tokens) in a staging folder and renamed to RUN only when the
+data is good, so bad input leaves nothing behind. The same code runs under torchrun: every rank
+computes, rank 0 writes. The data order is a pure function of (seed, position), and the
+optimizer state is saved, so a resumed run continues the uninterrupted run's loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer import checkpoint as ckpt
+from trainer import data, distributed
+from trainer.config import TrainConfig
+from trainer.errors import CheckpointError, TrainingDiverged
+from trainer.metrics import MetricsLog, Progress, draw_charts
+from trainer.model import Transformer, token_losses
+from trainer.tokenizer import Tokenizer, train_bpe
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path
+    stop_reason: str  # "max_steps" | "early_stopping" | "interrupted"
+    train_loss: float | None  # of the last step run here; None when a resume had no step left
+    best_val_loss: float | None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, cosine decay to cfg.min_lr at decay_steps, then min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    horizon = cfg.decay_steps or cfg.max_steps
+    if step >= horizon:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> None:
+    """Validates the corpus, trains or copies the tokenizer and tokenizes, in a staging folder
+    renamed to `run_dir` at the end. Raises DataError / CheckpointError; leaves nothing on failure."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --out")
+    corpus = data.scan_corpus(corpus_path)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = run_dir.with_name(f".{run_dir.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        if cfg.base:
+            tokenizer = Tokenizer.load(ckpt.resolve(cfg.base))
+        else:
+            tokenizer = train_bpe(data.iter_texts(corpus), cfg.vocab_size)
+            cfg.model.vocab_size = tokenizer.vocab_size
+        (staging / "tokenizer").mkdir()
+        tokenizer.save(staging / "tokenizer")
+        data.build_dataset(corpus, tokenizer, staging / "data", cfg.block_size, cfg.val_fraction, cfg.seed)
+        if cfg.decay_steps is None:
+            cfg.decay_steps = cfg.max_steps
+        config = cfg.to_dict() | {"corpus": str(Path(corpus_path).resolve()), "corpus_sha256": corpus.sha256}
+        (staging / "train_config.json").write_text(json.dumps(config, indent=2))
+        if run_dir.exists():
+            run_dir.rmdir()
+        os.replace(staging, run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "train_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a training run (no train_config.json)")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.pop("corpus", None)
+    saved.pop("corpus_sha256", None)
+    return TrainConfig.from_dict(saved)
+
+
+class _StopFlag:
+    """SIGTERM (a preempted pod, torchrun tearing down, `kill`) asks for a checkpoint and exit at
+    the next step boundary rather than dying mid-write."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: distributed.Dist):
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.tokenizer = Tokenizer.load(run_dir / "tokenizer")
+        self.data = data.TokenDataset.open(run_dir / "data")
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(cfg.model)
+        self.lineage = {"dataset_sha256": self.data.tokens_sha256, "code_revision": ckpt.code_revision(),
+                        "run": str(run_dir), "base_model": None}
+        if cfg.base:
+            base = ckpt.resolve(cfg.base)
+            ckpt.load_weights(self.model, base / "model.safetensors")
+            base_lineage = ckpt.read_meta(base).get("lineage", {})
+            self.lineage["base_model"] = base_lineage.get("base_model") or str(base)
+        self.model.to(dist.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=dist.device.type == "cuda",
+        )
+        self.step = 0  # optimizer steps completed
+        self.position = 0  # training blocks consumed (the data order's cursor)
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        self.best_val: float | None = None
+        self.bad_evals = 0
+        self.net = self.model
+        if dist.enabled:
+            ids = [dist.local_rank] if dist.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Continues from RUN/checkpoint: weights, optimizer, data position, RNG."""
+        folder = ckpt.resolve(self.run_dir)
+        state_path = folder / "train_state.pt"
+        if not state_path.is_file():
+            raise CheckpointError(f"{folder} has no train_state.pt; it cannot be resumed")
+        ckpt.load_weights(self.model, folder / "model.safetensors")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.position = state["step"], state["position"]
+        self.tokens_seen, self.elapsed = state["tokens_seen"], state["elapsed_s"]
+        self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
+
+    def _meta(self, val_loss: float | None, train_loss: float | None) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "train_loss": train_loss,
+                "val_loss": val_loss, "best_val_loss": self.best_val, "lineage": self.lineage,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def save(self, val_loss: float | None, train_loss: float | None) -> Path:
+        """Rank 0 writes checkpoints/step-N, points RUN/checkpoint at it, prunes old ones."""
+        target = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
+        if self.dist.is_main:
+            state = {
+                "step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()},
+            }
+            ckpt.write_checkpoint(target, self.model, self.tokenizer, self._meta(val_loss, train_loss), state)
+            ckpt.point_latest(self.run_dir, target)
+            steps = sorted((self.run_dir / "checkpoints").glob("step-*"))
+            for old in steps[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return self.run_dir / "checkpoint"
+
+    # ---- computation -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.dist.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over the global batch → (mean train loss, grad norm).
+
+        The global batch is the next B × accum × world blocks of the data order; rank r takes its
+        own slice of each micro-batch. Every rank scales its summed token losses by the global
+        target count (known to all ranks without communication), so the update equals a single
+        process's over the same global batch whatever the world size.
+        """
+        cfg, d = self.cfg, self.dist
+        B, per_micro = cfg.batch_size, cfg.batch_size * d.world
+        global_ids = self.data.train_block_ids(self.position, per_micro * cfg.grad_accum)
+        n_targets = max(1, self.data.count_targets(global_ids))
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(cfg.grad_accum):
+            ids = global_ids[micro * per_micro + d.rank * B : micro * per_micro + (d.rank + 1) * B]
+            x, y = (t.to(d.device, non_blocking=True) for t in self.data.get_batch(ids))
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not d.enabled else self.net.no_sync()
+            with sync:
+                with self._autocast():
+                    logits = self.net(x)
+                losses = token_losses(logits, y).sum()
+                (losses * (d.world / n_targets)).backward()
+            loss_sum += losses.detach()
+        loss = d.all_reduce(loss_sum).item() / n_targets
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss} at step {self.step + 1} (lr {lr:.3g}); the last good "
+                f"checkpoint is {self.run_dir / 'checkpoint'}; try a lower lr or grad_clip"
+            )
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.position += per_micro * cfg.grad_accum
+        self.tokens_seen += len(global_ids) * cfg.block_size
+        return loss, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the first eval_batches × batch_size validation blocks."""
+        val_ids = self.data.val_block_ids()[: self.cfg.eval_batches * self.cfg.batch_size]
+        if len(val_ids) == 0:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.dist.device, dtype=torch.float64)  # loss sum, targets
+        mine = val_ids[self.dist.rank :: self.dist.world]
+        for i in range(0, len(mine), self.cfg.batch_size):
+            x, y = (t.to(self.dist.device) for t in self.data.get_batch(mine[i : i + self.cfg.batch_size]))
+            with self._autocast():
+                logits = self.model(x)
+            total[0] += token_losses(logits, y).sum().double()
+            total[1] += (y != -100).sum()
+        self.model.train()
+        loss_sum, count = self.dist.all_reduce(total).tolist()
+        return loss_sum / max(count, 1)
+
+
+def run(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_step: Callable[[Trainer], None] | None = None,
+    dist: distributed.Dist | None = None,
+) -> RunResult:
+    """Trains in an already-prepared run folder (see prepare_run) up to cfg.max_steps."""
+    run_dir = Path(run_dir)
+    own_dist = dist is None
+    dist = dist or distributed.setup(cfg.device)
+    try:
+        return _loop(Trainer(cfg, run_dir, dist), resume, on_step)
+    finally:
+        if own_dist:
+            distributed.teardown(dist)
+
+
+def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
+    cfg, d = tr.cfg, tr.dist
+    if resume:
+        tr.restore()
+    tr.model.train()
+    progress = Progress(cfg.max_steps, start=tr.step) if d.is_main else None
+    stop_reason, loss = "max_steps", None
+    interval_tokens, interval_t0 = 0, time.perf_counter()
+    with _StopFlag() as flag:
+        while tr.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            loss, grad_norm = tr.train_step()
+            tr.elapsed += time.perf_counter() - t0
+            interval_tokens += cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
+            stop = d.all_reduce(torch.tensor([float(flag.requested)]), op=torch.distributed.ReduceOp.MAX)
+            is_eval = tr.step % cfg.eval_every == 0 or tr.step == cfg.max_steps
+            val_loss = tr.evaluate() if is_eval else None
+            if tr.step % cfg.log_every == 0 or is_eval or stop.item():
+                now = time.perf_counter()
+                tokens_per_s = interval_tokens / max(now - interval_t0, 1e-9)
+                interval_tokens, interval_t0 = 0, now
+                record = {"step": tr.step, "train_loss": loss, "lr": lr_at(tr.step - 1, cfg),
+                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                          "tokens_seen": tr.tokens_seen, "elapsed_s": round(tr.elapsed, 3), "ts": time.time()}
+                if val_loss is not None:
+                    record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                if d.is_main:
+                    tr.metrics.write(record)
+                    extra = f" val {val_loss:.4f}" if val_loss is not None else ""
+                    progress.update(tr.step, loss, tokens_per_s, extra)
+            if val_loss is not None:
+                improved = tr.best_val is None or val_loss < tr.best_val - cfg.min_delta
+                if improved:
+                    tr.best_val, tr.bad_evals = val_loss, 0
+                    if cfg.save_best and d.is_main:
+                        ckpt.write_checkpoint(tr.run_dir / "best", tr.model, tr.tokenizer, tr._meta(val_loss, loss))
+                else:
+                    tr.bad_evals += 1
+                if cfg.patience and tr.bad_evals >= cfg.patience:
+                    stop_reason = "early_stopping"
+            if is_eval or stop.item() or stop_reason != "max_steps":
+                tr.save(val_loss, loss)
+                if d.is_main:
+                    draw_charts(tr.metrics.read(), tr.run_dir)
+            if on_step is not None:
+                on_step(tr)
+            if stop.item():
+                stop_reason = "interrupted"
+            if stop_reason != "max_steps":
+                break
+    if progress is not None:
+        progress.close()
+    return RunResult(tr.run_dir, tr.step, tr.run_dir / "checkpoint", stop_reason, loss, tr.best_val)
