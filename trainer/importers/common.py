@@ -1,0 +1,83 @@
+"""What every importer shares: the output-folder rule, the file hash, and the final write.
+
+An importer reads its source into plain data (a ModelConfig, a state dict under our names, a
+Tokenizer) and checks it completely before `write_imported` writes anything, so a refused or
+broken source never leaves a folder behind; the write itself is atomic (`write_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import write_checkpoint
+from trainer.config import ModelConfig
+from trainer.errors import CheckpointError, ConfigError
+from trainer.model import Transformer
+from trainer.tokenizer import Tokenizer
+
+# Tokens that end a turn in common chat formats. llama.cpp treats these as end-of-generation
+# whenever a vocabulary has them (llama-vocab.cpp, "special_eog_ids"), whatever the file says
+# its EOS is, so a chat model stops at the end of its turn and not only at end of document.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Refuses an output folder that already holds something: an import never overwrites."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(
+            f"output folder {out_dir} already exists and is not empty; choose a new one"
+        )
+    return out_dir
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validated(cfg: ModelConfig, source: Path) -> ModelConfig:
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: unsupported model shape: {e}") from None
+
+
+def write_imported(
+    out_dir: Path,
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    lineage: dict,
+    source: Path,
+) -> Path:
+    """Loads `state` (our parameter names) into a fresh model, checking every name and shape,
+    then writes the checkpoint. A tied model's state carries no lm_head.weight."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{cfg.vocab_size} embeddings"
+        )
+    model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(state[name].shape)}, the config needs {tuple(shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    meta = {"step": 0, "lineage": lineage}
+    return write_checkpoint(out_dir, model, tokenizer, meta)
