@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = ROOT / "data" / "demo" / "python-docstrings.txt"
+
+# The test models are tiny: one thread is fastest, and on a busy 2-core machine several threads
+# spin against each other and make a step ten times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

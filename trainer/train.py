@@ -275,6 +275,29 @@ class Trainer:
         loss_sum, count = self.dist.all_reduce(total).tolist()
         return loss_sum / max(count, 1)
 
+    def log(self, loss: float, grad_norm: float, tokens_per_s: float, val_loss: float | None,
+            progress: Progress | None) -> None:
+        if not self.dist.is_main:
+            return
+        record = {"step": self.step, "train_loss": loss, "lr": lr_at(self.step - 1, self.cfg),
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen,
+                  "elapsed_s": round(self.elapsed, 3), "ts": time.time()}
+        if val_loss is not None:
+            record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        self.metrics.write(record)
+        progress.update(self.step, loss, tokens_per_s, f" val {val_loss:.4f}" if val_loss is not None else "")
+
+    def after_eval(self, val_loss: float, train_loss: float) -> bool:
+        """Tracks the best validation loss (saving RUN/best); True when patience is exhausted."""
+        if self.best_val is None or val_loss < self.best_val - self.cfg.min_delta:
+            self.best_val, self.bad_evals = val_loss, 0
+            if self.cfg.save_best and self.dist.is_main:
+                ckpt.write_checkpoint(self.run_dir / "best", self.model, self.tokenizer,
+                                      self._meta(val_loss, train_loss))
+        else:
+            self.bad_evals += 1
+        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+
 
 def run(
     cfg: TrainConfig,
@@ -302,47 +325,33 @@ def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
     tr.model.train()
     progress = Progress(cfg.max_steps, start=tr.step) if d.is_main else None
     stop_reason, loss = "max_steps", None
-    interval_tokens, interval_t0 = 0, time.perf_counter()
+    # throughput counts training steps only: evaluations and checkpoint writes are not in it
+    interval_tokens, interval_time = 0, 0.0
     with _StopFlag() as flag:
         while tr.step < cfg.max_steps:
             t0 = time.perf_counter()
             loss, grad_norm = tr.train_step()
-            tr.elapsed += time.perf_counter() - t0
+            step_time = time.perf_counter() - t0
+            tr.elapsed += step_time
+            interval_time += step_time
             interval_tokens += cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
-            stop = d.all_reduce(torch.tensor([float(flag.requested)]), op=torch.distributed.ReduceOp.MAX)
+            # every rank must agree to stop at the same step, or the others hang in all-reduce
+            stop = bool(d.all_reduce(torch.tensor([float(flag.requested)]), op=torch.distributed.ReduceOp.MAX))
             is_eval = tr.step % cfg.eval_every == 0 or tr.step == cfg.max_steps
             val_loss = tr.evaluate() if is_eval else None
-            if tr.step % cfg.log_every == 0 or is_eval or stop.item():
-                now = time.perf_counter()
-                tokens_per_s = interval_tokens / max(now - interval_t0, 1e-9)
-                interval_tokens, interval_t0 = 0, now
-                record = {"step": tr.step, "train_loss": loss, "lr": lr_at(tr.step - 1, cfg),
-                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                          "tokens_seen": tr.tokens_seen, "elapsed_s": round(tr.elapsed, 3), "ts": time.time()}
-                if val_loss is not None:
-                    record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-                if d.is_main:
-                    tr.metrics.write(record)
-                    extra = f" val {val_loss:.4f}" if val_loss is not None else ""
-                    progress.update(tr.step, loss, tokens_per_s, extra)
-            if val_loss is not None:
-                improved = tr.best_val is None or val_loss < tr.best_val - cfg.min_delta
-                if improved:
-                    tr.best_val, tr.bad_evals = val_loss, 0
-                    if cfg.save_best and d.is_main:
-                        ckpt.write_checkpoint(tr.run_dir / "best", tr.model, tr.tokenizer, tr._meta(val_loss, loss))
-                else:
-                    tr.bad_evals += 1
-                if cfg.patience and tr.bad_evals >= cfg.patience:
-                    stop_reason = "early_stopping"
-            if is_eval or stop.item() or stop_reason != "max_steps":
+            if tr.step % cfg.log_every == 0 or is_eval or stop:
+                tr.log(loss, grad_norm, interval_tokens / max(interval_time, 1e-9), val_loss, progress)
+                interval_tokens, interval_time = 0, 0.0
+            if val_loss is not None and tr.after_eval(val_loss, loss):
+                stop_reason = "early_stopping"
+            if stop:
+                stop_reason = "interrupted"
+            if is_eval or stop_reason != "max_steps":
                 tr.save(val_loss, loss)
                 if d.is_main:
                     draw_charts(tr.metrics.read(), tr.run_dir)
             if on_step is not None:
                 on_step(tr)
-            if stop.item():
-                stop_reason = "interrupted"
             if stop_reason != "max_steps":
                 break
     if progress is not None:
