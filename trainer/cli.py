@@ -1,8 +1,8 @@
 """`aimass train`, `aimass import` and `aimass generate`.
 
 Registration is cheap (argparse only); handlers import torch and the trainer when they run.
-Exit codes: 0 done, 2 bad input (one line on stderr), 1 training diverged, 143 stopped by SIGTERM
-after writing a checkpoint.
+Exit codes: 0 done, 2 bad input (one line on stderr), 1 training diverged, 128 + the signal
+(143 SIGTERM, 130 Ctrl-C) when a signal stopped training after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _train(args: argparse.Namespace) -> int:
             summary.append(f"best val loss {result.best_val_loss:.4f}")
         print(", ".join(summary), file=sys.stderr)
         print(where)
-    return 143 if result.stop_reason == "interrupted" else 0
+    return 128 + result.signum if result.signum else 0
 
 
 def _rank() -> int:

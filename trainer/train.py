@@ -51,6 +51,7 @@ class RunResult:
     stop_reason: str  # "max_steps" | "early_stopping" | "interrupted"
     train_loss: float | None  # of the last step run here; None when a resume had no step left
     best_val_loss: float | None
+    signum: int | None = None  # the signal that interrupted the run
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -106,24 +107,32 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 
 
 class _StopFlag:
-    """SIGTERM (a preempted pod, torchrun tearing down, `kill`) asks for a checkpoint and exit at
-    the next step boundary rather than dying mid-write."""
+    """SIGTERM (a preempted pod, torchrun tearing down, `kill`) or a first Ctrl-C asks for a
+    checkpoint and exit at the next step boundary rather than dying mid-write; a second Ctrl-C
+    stops at once."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class Trainer:
@@ -356,4 +365,5 @@ def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
                 break
     if progress is not None:
         progress.close()
-    return RunResult(tr.run_dir, tr.step, tr.run_dir / "checkpoint", stop_reason, loss, tr.best_val)
+    return RunResult(tr.run_dir, tr.step, tr.run_dir / "checkpoint", stop_reason, loss, tr.best_val,
+                     flag.signum if stop_reason == "interrupted" else None)

@@ -113,3 +113,20 @@ def test_sigterm_writes_a_checkpoint_then_exits(corpus_file, tmp_path):
     assert "interrupted at step" in stderr
     step = json.loads((run_dir / "checkpoint" / "meta.json").read_text())["step"]
     assert step >= 3 and stdout.strip().endswith(f"step-{step:07d}")
+
+
+def test_first_ctrl_c_checkpoints_and_exits_130(corpus_file, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "aimass_cli", "train", "--corpus", str(corpus_file), "--max-steps", "100000",
+           "--out", str(run_dir), *set_args(eval_every=100000)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert (run_dir / "checkpoint" / "train_state.pt").is_file()
