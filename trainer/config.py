@@ -89,18 +89,18 @@ class TrainConfig:
     decay_steps: int | None = None  # cosine horizon; fixed to max_steps at the first launch, so a
     # resume with a larger --max-steps continues at min_lr instead of jumping back up
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay (0.95, not 0.999: steadier on small batches)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     # evaluation, early stopping, checkpoints
     eval_every: int = 50  # steps between validation passes (and checkpoints)
-    eval_batches: int = 8  # micro-batches averaged per validation pass
+    eval_batches: int = 8  # global batches of validation blocks per evaluation
     patience: int = 0  # stop after this many evals without val-loss improvement; 0 = never
     min_delta: float = 0.0  # improvement in val loss that resets the patience counter
     keep_checkpoints: int = 2  # step checkpoints kept on disk (the newest ones)
     save_best: bool = True  # also keep RUN/best: the weights with the lowest validation loss
     # runtime
-    seed: int = 1337  # seeds init, data order and dropout-free sampling
+    seed: int = 1337  # seeds weight init, the train/validation split and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10  # steps between metrics lines and progress updates
     compile: bool = False  # torch.compile the model (faster on GPU; slow to start)
