@@ -16,7 +16,8 @@ from importlib.metadata import entry_points
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aimass", description="From a text corpus to a fast, safe, promoted text-generation API."
+        prog="aimass",
+        description="From a text corpus to a fast, safe, promoted text-generation API.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for ep in sorted(entry_points(group="aimass.commands"), key=lambda e: e.name):

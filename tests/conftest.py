@@ -29,18 +29,37 @@ def corpus_file(tmp_path_factory) -> Path:
 def tiny_overrides(**extra) -> dict:
     """A tiny model and short blocks: a step takes milliseconds on a laptop CPU."""
     base = {
-        "vocab_size": 300, "block_size": 32, "batch_size": 4, "max_steps": 30, "eval_every": 10,
-        "eval_batches": 2, "warmup_steps": 5, "log_every": 1, "lr": 3e-3, "min_lr": 3e-4,
-        "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
-        "model.ffn_dim": 64, "model.max_seq_len": 64,
+        "vocab_size": 300,
+        "block_size": 32,
+        "batch_size": 4,
+        "max_steps": 30,
+        "eval_every": 10,
+        "eval_batches": 2,
+        "warmup_steps": 5,
+        "log_every": 1,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "model.dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "model.n_kv_heads": 2,
+        "model.ffn_dim": 64,
+        "model.max_seq_len": 64,
     }
     return base | extra
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300, **kw
+) -> subprocess.CompletedProcess:
     """Runs `aimass ARGS` in a fresh interpreter, as a user would."""
     full_env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"} | (env or {})
     return subprocess.run(
-        [sys.executable, "-m", "aimass_cli", *args], capture_output=True, text=True, env=full_env,
-        timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw,
+        [sys.executable, "-m", "aimass_cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=kw.pop("cwd", ROOT),
+        **kw,
     )

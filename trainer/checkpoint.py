@@ -58,7 +58,9 @@ def read_model_config(folder: Path) -> ModelConfig:
     except ValueError as e:
         raise CheckpointError(f"{folder}/config.json is not valid JSON: {e}") from None
     if data.get("format") != FORMAT:
-        raise CheckpointError(f"{folder}/config.json is not an {FORMAT} config (format={data.get('format')!r})")
+        raise CheckpointError(
+            f"{folder}/config.json is not an {FORMAT} config (format={data.get('format')!r})"
+        )
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{folder} has format_version {data['format_version']}; this version reads up to {FORMAT_VERSION}"
@@ -78,7 +80,9 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer, dict]:
     """Loads a checkpoint (or a run's newest) → (model in eval mode, tokenizer, meta)."""
     folder = resolve(path)
     cfg = read_model_config(folder)
@@ -99,7 +103,9 @@ def load_weights(model: Transformer, path: Path) -> None:
         expected.pop("lm_head.weight")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise CheckpointError(
@@ -119,7 +125,11 @@ def code_revision() -> str | None:
     """The git commit of this code, when it runs from a checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -139,7 +149,11 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         save_file(weights_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(model.cfg)}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": dataclasses.asdict(model.cfg),
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -23,13 +23,23 @@ BUNDLED_MODELS = {
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on a corpus, or fine-tune a base model")
-    p.add_argument("--corpus", help=".txt/.md file, a folder of them, or .jsonl (text or chat messages)")
+    p.add_argument(
+        "--corpus", help=".txt/.md file, a folder of them, or .jsonl (text or chat messages)"
+    )
     p.add_argument("--preset", help="architecture preset: tiny, small, smollm2-135m (default tiny)")
     p.add_argument("--config", help="a .toml or .json file of TrainConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set lr=1e-3 --set model.n_layers=4")
-    p.add_argument("--base", metavar="PATH_OR_NAME",
-                   help=f"fine-tune this checkpoint or run, or a bundled model: {', '.join(BUNDLED_MODELS)}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set lr=1e-3 --set model.n_layers=4",
+    )
+    p.add_argument(
+        "--base",
+        metavar="PATH_OR_NAME",
+        help=f"fine-tune this checkpoint or run, or a bundled model: {', '.join(BUNDLED_MODELS)}",
+    )
     p.add_argument("--out", help="run folder to create (default runs/run-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
     p.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
@@ -37,20 +47,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("import", help="import pretrained weights as a checkpoint")
-    p.add_argument("format", choices=["gguf", "hf"], help="gguf: a GGUF file; hf: a Hugging Face LLaMA folder")
+    p.add_argument(
+        "format", choices=["gguf", "hf"], help="gguf: a GGUF file; hf: a Hugging Face LLaMA folder"
+    )
     p.add_argument("path", help="the GGUF file or the Hugging Face folder")
     p.add_argument("--out", required=True, help="checkpoint folder to create")
     p.set_defaults(func=_import)
 
     p = subparsers.add_parser("generate", help="generate text from a checkpoint or run")
-    p.add_argument("model", metavar="CKPT_OR_RUN", help="a checkpoint folder, a run folder or a bundled model name")
+    p.add_argument(
+        "model",
+        metavar="CKPT_OR_RUN",
+        help="a checkpoint folder, a run folder or a bundled model name",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     p.set_defaults(func=_generate)
 
 
@@ -100,7 +118,9 @@ def _train(args: argparse.Namespace) -> int:
             overrides["device"] = args.device
         if args.resume:
             if args.corpus or args.base or args.preset or args.config:
-                return _fail("--resume continues a run as it was set up; drop --corpus/--base/--preset/--config")
+                return _fail(
+                    "--resume continues a run as it was set up; drop --corpus/--base/--preset/--config"
+                )
             run_dir = Path(args.resume)
             cfg = train.load_run_config(run_dir)
             config.apply_overrides(cfg, overrides)
@@ -171,13 +191,25 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         model, tokenizer, _ = load_model(resolve_model(args.model))
-        prompt = tokenizer.render_chat([{"role": "user", "content": args.prompt}], True) if args.chat else args.prompt
+        prompt = (
+            tokenizer.render_chat([{"role": "user", "content": args.prompt}], True)
+            if args.chat
+            else args.prompt
+        )
         if args.max_tokens < 1:
             return _fail(f"--max-tokens={args.max_tokens} must be >= 1")
         torch.set_grad_enabled(False)
         text = TextStream(tokenizer)
-        tokens = stream_tokens(model, tokenizer.encode(prompt), args.max_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=tokenizer.stop_ids)
+        tokens = stream_tokens(
+            model,
+            tokenizer.encode(prompt),
+            args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_ids=tokenizer.stop_ids,
+        )
         for token in tokens:
             sys.stdout.write(text.push(token))
             sys.stdout.flush()

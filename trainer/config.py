@@ -38,15 +38,27 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     def validate(self) -> ModelConfig:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_dim",
+            "max_seq_len",
+        ):
             _check(f"model.{name}", getattr(self, name), ge=1)
         _check("model.rope_theta", self.rope_theta, gt=0)
         _check("model.norm_eps", self.norm_eps, gt=0, le=1)
         _check("model.init_std", self.init_std, gt=0, le=1)
         if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+            raise ConfigError(
+                f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}"
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings")
+            raise ConfigError(
+                f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
@@ -63,8 +75,17 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # the exact architecture of HuggingFaceTB/SmolLM2-135M(-Instruct)
     "smollm2-135m": ModelConfig(
-        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
-        max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True, init_std=0.041666,
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        ffn_dim=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        init_std=0.041666,
     ),
 }
 
@@ -112,8 +133,15 @@ class TrainConfig:
         _check("vocab_size", self.vocab_size, ge=260, le=1 << 20)
         _check("block_size", self.block_size, ge=2, le=self.model.max_seq_len)
         _check("val_fraction", self.val_fraction, ge=0.0, lt=1.0)
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every",
-                     "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "keep_checkpoints",
+        ):
             _check(name, getattr(self, name), ge=1)
         if self.decay_steps is not None:
             _check("decay_steps", self.decay_steps, ge=1)
@@ -224,12 +252,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".json":
             return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
+        raise ConfigError(
+            f"config file {path} is not valid {path.suffix[1:].upper()}: {e}"
+        ) from None
     raise ConfigError(f"config file {path} must end in .toml or .json")
 
 
 # Defaults for fine-tuning a pretrained model: a from-scratch learning rate would wreck its weights.
-FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0}
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "min_lr": 1e-5,
+    "warmup_steps": 10,
+    "weight_decay": 0.0,
+}
 
 
 def build_train_config(

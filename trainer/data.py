@@ -34,9 +34,14 @@ IGNORE_INDEX = -100  # target value that torch's cross_entropy skips
 # Signatures of files people drop into a corpus folder by mistake. UTF-16 is named apart because
 # it is text, just in an encoding we do not read, and the fix differs.
 _SIGNATURES = {
-    b"\xff\xfe": "UTF-16 text; save it as UTF-8", b"\xfe\xff": "UTF-16 text; save it as UTF-8",
-    b"%PDF-": "a PDF", b"PK\x03\x04": "a zip archive (or .docx/.xlsx)", b"\x1f\x8b": "gzip-compressed",
-    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+    b"\xff\xfe": "UTF-16 text; save it as UTF-8",
+    b"\xfe\xff": "UTF-16 text; save it as UTF-8",
+    b"%PDF-": "a PDF",
+    b"PK\x03\x04": "a zip archive (or .docx/.xlsx)",
+    b"\x1f\x8b": "gzip-compressed",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
     b"\x7fELF": "an executable",
 }
 _BOM = b"\xef\xbb\xbf"
@@ -78,17 +83,23 @@ def scan_corpus(path) -> Corpus:
     if root.is_dir():
         # sorted by path components, which no Python version or OS reorders
         parts = sorted(
-            p.relative_to(root).parts for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in SUFFIXES
+            p.relative_to(root).parts
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         files = [root.joinpath(*p) for p in parts]
         if not files:
-            raise DataError(root, f"no {', '.join(SUFFIXES)} files in this folder "
-                            "(hidden ones are skipped)")
+            raise DataError(
+                root, f"no {', '.join(SUFFIXES)} files in this folder (hidden ones are skipped)"
+            )
     elif root.suffix.lower() not in SUFFIXES:
-        raise DataError(root, f"unsupported file extension {root.suffix!r}; "
-                        f"use {', '.join(SUFFIXES)} or a folder of them")
+        raise DataError(
+            root,
+            f"unsupported file extension {root.suffix!r}; "
+            f"use {', '.join(SUFFIXES)} or a folder of them",
+        )
     else:
         files = [root]
     digest = hashlib.sha256()
@@ -97,10 +108,16 @@ def scan_corpus(path) -> Corpus:
         n_documents += record.end
         chat = chat or record.kind == "chat"
     if n_documents == 0:
-        raise DataError(root, "the corpus is empty: its files hold no text (only whitespace or nothing)")
+        raise DataError(
+            root, "the corpus is empty: its files hold no text (only whitespace or nothing)"
+        )
     return Corpus(
-        path=root, files=files, kind="chat" if chat else "text", n_documents=n_documents,
-        n_bytes=sum(p.stat().st_size for p in files), sha256=digest.hexdigest(),
+        path=root,
+        files=files,
+        kind="chat" if chat else "text",
+        n_documents=n_documents,
+        n_bytes=sum(p.stat().st_size for p in files),
+        sha256=digest.hexdigest(),
     )
 
 
@@ -115,13 +132,17 @@ def iter_texts(corpus: Corpus) -> Iterator[str]:
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """Changes whenever the same text could tokenize or render differently."""
-    spec = {"tokenizer": tokenizer.tok.to_str(), "eos": tokenizer.eos_token,
-            "chat_template": tokenizer.chat_template}
+    spec = {
+        "tokenizer": tokenizer.tok.to_str(),
+        "eos": tokenizer.eos_token,
+        "chat_template": tokenizer.chat_template,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def build_dataset(corpus: Corpus, tokenizer: Tokenizer, out_dir, block_size: int,
-                  val_fraction: float, seed: int) -> TokenDataset:
+def build_dataset(
+    corpus: Corpus, tokenizer: Tokenizer, out_dir, block_size: int, val_fraction: float, seed: int
+) -> TokenDataset:
     """Tokenizes `corpus` into `out_dir` (or reuses what is there if built from the same inputs).
 
     Packing: documents are concatenated, each followed by EOS. A chat conversation is rendered with
@@ -130,18 +151,31 @@ def build_dataset(corpus: Corpus, tokenizer: Tokenizer, out_dir, block_size: int
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = {"format": _FORMAT, "corpus_sha256": corpus.sha256,
-              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-              "block_size": block_size, "val_fraction": val_fraction, "seed": seed}
+    inputs = {
+        "format": _FORMAT,
+        "corpus_sha256": corpus.sha256,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "block_size": block_size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
     old = _read_meta(out_dir)
-    if old is not None and all(old.get(k) == v for k, v in inputs.items()) and _sizes_ok(out_dir, old):
+    if (
+        old is not None
+        and all(old.get(k) == v for k, v in inputs.items())
+        and _sizes_ok(out_dir, old)
+    ):
         return TokenDataset(out_dir, old)
     if corpus.kind == "chat" and tokenizer.chat_template is None:
-        raise DataError(corpus.path, "holds chat conversations but the tokenizer has no chat template")
+        raise DataError(
+            corpus.path, "holds chat conversations but the tokenizer has no chat template"
+        )
 
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     chat = corpus.kind == "chat"
-    tmp = {name: out_dir / f"{name}.tmp" for name in ("tokens.bin", "loss_mask.bin", "dataset.json")}
+    tmp = {
+        name: out_dir / f"{name}.tmp" for name in ("tokens.bin", "loss_mask.bin", "dataset.json")
+    }
     try:
         n_tokens, tokens_sha256, corpus_sha256 = _write_tokens(corpus, tokenizer, dtype, tmp, chat)
         if corpus_sha256 != corpus.sha256:
@@ -151,9 +185,16 @@ def build_dataset(corpus: Corpus, tokenizer: Tokenizer, out_dir, block_size: int
         for p in tmp.values():
             p.unlink(missing_ok=True)
         raise
-    meta = {**inputs, "kind": corpus.kind, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens,
-            "n_documents": corpus.n_documents, "n_train_blocks": len(train_ids),
-            "n_val_blocks": len(val_ids), "tokens_sha256": tokens_sha256}
+    meta = {
+        **inputs,
+        "kind": corpus.kind,
+        "dtype": np.dtype(dtype).name,
+        "n_tokens": n_tokens,
+        "n_documents": corpus.n_documents,
+        "n_train_blocks": len(train_ids),
+        "n_val_blocks": len(val_ids),
+        "tokens_sha256": tokens_sha256,
+    }
     # dataset.json goes first and comes back last: a crash in between leaves no metadata that
     # could vouch for half-replaced token files.
     (out_dir / "dataset.json").unlink(missing_ok=True)
@@ -187,10 +228,13 @@ class TokenDataset:
         self.seed: int = meta["seed"]
         self.tokens_sha256: str = meta["tokens_sha256"]
         dtype = np.dtype(meta["dtype"])
-        self.tokens = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r", shape=(self.n_tokens,))
+        self.tokens = np.memmap(
+            self.path / "tokens.bin", dtype=dtype, mode="r", shape=(self.n_tokens,)
+        )
         self.loss_mask = (
             np.memmap(self.path / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(self.n_tokens,))
-            if self.kind == "chat" else None
+            if self.kind == "chat"
+            else None
         )
         n_blocks = (self.n_tokens - 1) // self.block_size
         self._train_ids, self._val_ids = _split_blocks(n_blocks, meta["val_fraction"], self.seed)
@@ -205,8 +249,9 @@ class TokenDataset:
         if meta is None:
             raise DataError(out_dir, "holds no dataset (dataset.json is missing or unreadable)")
         if not _sizes_ok(out_dir, meta):
-            raise DataError(out_dir, "token files do not match dataset.json; delete the folder "
-                            "to rebuild")
+            raise DataError(
+                out_dir, "token files do not match dataset.json; delete the folder to rebuild"
+            )
         return cls(out_dir, meta)
 
     def train_block_ids(self, position: int, count: int) -> np.ndarray:
@@ -259,6 +304,7 @@ class TokenDataset:
 
 # --- reading and validating files ---------------------------------------------------------------
 
+
 def _corpus_records(files: list[Path], digest) -> Iterator[_Record]:
     for path in files:
         file_digest = hashlib.sha256()
@@ -286,12 +332,16 @@ def _decoded_lines(path: Path, f, digest) -> Iterator[tuple[int, str]]:
         if b"\0" in raw:
             raise DataError(path, "binary file: it contains NUL bytes", line=n)
         if n == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM):]
+            raw = raw[len(_BOM) :]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(path, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}; "
-                            "save the file as UTF-8", line=n) from None
+            raise DataError(
+                path,
+                f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}; "
+                "save the file as UTF-8",
+                line=n,
+            ) from None
         yield n, line
 
 
@@ -323,8 +373,10 @@ def _jsonl_records(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[_Re
             if file_kind is None:
                 file_kind, first = kind, n
             elif kind != file_kind:
-                raise _Invalid(f"this line is a {kind} record but line {first} is a {file_kind} record; "
-                               "one .jsonl file holds one kind, put them in separate files")
+                raise _Invalid(
+                    f"this line is a {kind} record but line {first} is a {file_kind} record; "
+                    "one .jsonl file holds one kind, put them in separate files"
+                )
         except _Invalid as e:
             raise DataError(path, str(e), line=n) from None
         if kind == "chat":
@@ -353,7 +405,8 @@ def _parse_record(line: str, file_kind: str | None) -> tuple[str, str | list[dic
     if "messages" in obj:
         return "chat", _checked_messages(obj["messages"])
     expected = {"text": '"text"', "chat": '"messages"'}.get(
-        file_kind, '"text" (pretraining) or "messages" (chat)')
+        file_kind, '"text" (pretraining) or "messages" (chat)'
+    )
     raise _Invalid(f"missing field {expected}")
 
 
@@ -366,10 +419,13 @@ def _checked_messages(messages) -> list[dict]:
             raise _Invalid(f"messages[{i}] must be an object, not {_json_type(m)}")
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
-                raise _Invalid(f'messages[{i}] needs a string "{key}", got {_json_type(m.get(key))}')
+                raise _Invalid(
+                    f'messages[{i}] needs a string "{key}", got {_json_type(m.get(key))}'
+                )
         if m["role"] not in ROLES:
-            raise _Invalid(f"messages[{i}] has unknown role {m['role']!r}; "
-                           f"use one of {', '.join(ROLES)}")
+            raise _Invalid(
+                f"messages[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise _Invalid("conversation has no assistant message, so nothing to learn from")
@@ -377,14 +433,22 @@ def _checked_messages(messages) -> list[dict]:
 
 
 def _json_type(value) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     if isinstance(value, list) and not value:
         return "an empty list"
     return names.get(type(value), type(value).__name__)
 
 
 # --- tokenizing -------------------------------------------------------------------------------
+
 
 def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, dtype, tmp: dict[str, Path], chat: bool):
     """Streams the corpus into the temp files; returns (n_tokens, tokens sha256, corpus sha256)."""
@@ -430,7 +494,9 @@ def _encode(tokenizer: Tokenizer, items: list[tuple[str | None, int]], dtype) ->
     return np.concatenate(ids), np.concatenate(masks)
 
 
-def _chat_segments(tokenizer: Tokenizer, messages: list[dict], rec: _Record) -> list[tuple[str, int]]:
+def _chat_segments(
+    tokenizer: Tokenizer, messages: list[dict], rec: _Record
+) -> list[tuple[str, int]]:
     """Cuts the rendered conversation into (text, mask) pieces; mask 1 on the assistant's turns.
 
     The assistant span of message i is render(messages[:i+1]) minus render(messages[:i],
@@ -441,9 +507,13 @@ def _chat_segments(tokenizer: Tokenizer, messages: list[dict], rec: _Record) -> 
 
     def extend(longer: str) -> str:
         if not longer.startswith(prev):
-            raise DataError(rec.path, "the chat template does not render this conversation turn by "
-                            "turn (a later rendering does not extend the earlier one)", line=rec.line)
-        return longer[len(prev):]
+            raise DataError(
+                rec.path,
+                "the chat template does not render this conversation turn by "
+                "turn (a later rendering does not extend the earlier one)",
+                line=rec.line,
+            )
+        return longer[len(prev) :]
 
     try:
         for i, m in enumerate(messages):
@@ -455,8 +525,9 @@ def _chat_segments(tokenizer: Tokenizer, messages: list[dict], rec: _Record) -> 
             segments.append((extend(rendered), int(m["role"] == "assistant")))
             prev = rendered
     except jinja2.TemplateError as e:
-        raise DataError(rec.path, f"the chat template rejected this conversation: {e}",
-                        line=rec.line) from None
+        raise DataError(
+            rec.path, f"the chat template rejected this conversation: {e}", line=rec.line
+        ) from None
     return segments
 
 
@@ -469,8 +540,10 @@ def _check_size(where: Path, n_tokens: int, block_size: int, val_fraction: float
     if n_blocks == 0:
         msg = f", one training block needs block_size+1 = {block_size + 1}"
     else:
-        msg = (f" make 1 block of block_size={block_size}, and val_fraction={val_fraction} needs 2 "
-               "(one to train, one to validate)")
+        msg = (
+            f" make 1 block of block_size={block_size}, and val_fraction={val_fraction} needs 2 "
+            "(one to train, one to validate)"
+        )
         hint += " or --set val_fraction=0"
     raise DataError(where, f"too little text: {n_tokens} tokens after tokenization{msg}; {hint}")
 

@@ -54,7 +54,11 @@ def setup(device_setting: str, env: dict[str, str] | None = None) -> Dist:
     env = os.environ if env is None else env
     if "RANK" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
         return Dist(device=pick_device(device_setting))
-    rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = (
+        int(env["RANK"]),
+        int(env["WORLD_SIZE"]),
+        int(env.get("LOCAL_RANK", "0")),
+    )
     device = pick_device(device_setting, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -34,7 +34,9 @@ def stream_tokens(
             f"{len(prompt_ids) + max_tokens} exceeds the model's context of {cfg.max_seq_len}"
         )
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
+        raise ConfigError(
+            f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0"
+        )
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=device)
@@ -55,7 +57,9 @@ def generate(model: Transformer, prompt_ids: list[int], max_tokens: int, **sampl
     return list(stream_tokens(model, prompt_ids, max_tokens, **sampling))
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator
+) -> int:
     if temperature == 0:
         return int(logits.argmax())
     logits = logits / temperature

@@ -36,7 +36,9 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+        return [
+            json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line
+        ]
 
 
 def draw_charts(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -49,7 +51,9 @@ def draw_charts(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     def series(key):
-        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
+        pts = [
+            (r["step"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])
+        ]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     charts = [
@@ -63,7 +67,9 @@ def draw_charts(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         for key, label in keys:
             xs, ys = series(key)
             if xs:
-                ax.plot(xs, ys, marker="o" if key == "val_loss" else None, markersize=3, label=label)
+                ax.plot(
+                    xs, ys, marker="o" if key == "val_loss" else None, markersize=3, label=label
+                )
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -82,7 +88,9 @@ class Progress:
     """One status line: step, loss, tokens/s and ETA. Redrawn in place on a terminal; on a pipe
     (CI logs) printed only every `plain_every` updates so logs stay readable."""
 
-    def __init__(self, total: int, start: int = 0, stream: TextIO = sys.stderr, plain_every: int = 10):
+    def __init__(
+        self, total: int, start: int = 0, stream: TextIO = sys.stderr, plain_every: int = 10
+    ):
         self.total, self.start = total, start
         self.stream = stream
         self.tty = stream.isatty()
@@ -117,4 +125,6 @@ def _fmt_seconds(s: float) -> str:
     if not math.isfinite(s):
         return "--:--"
     s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    return (
+        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )

@@ -110,7 +110,9 @@ class Tokenizer:
             "add_bos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False)
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> Tokenizer:
@@ -139,7 +141,10 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     tok = _Tokenizer(models.BPE())
     # GPT-2 style split, with digits one by one (as SmolLM2 does): better arithmetic, fewer merges
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -166,7 +171,11 @@ def _raise_template_error(message: str):
 
 def _bytes_to_unicode() -> dict[int, str]:
     # the GPT-2 byte ↔ printable-character table that byte-level BPE vocabularies are written in
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -69,7 +69,9 @@ def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> Non
     """Validates the corpus, trains or copies the tokenizer and tokenizes, in a staging folder
     renamed to `run_dir` at the end. Raises DataError / CheckpointError; leaves nothing on failure."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise CheckpointError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --out")
+        raise CheckpointError(
+            f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --out"
+        )
     corpus = data.scan_corpus(corpus_path)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = run_dir.with_name(f".{run_dir.name}.staging-{os.getpid()}")
@@ -83,10 +85,15 @@ def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> Non
             cfg.model.vocab_size = tokenizer.vocab_size
         (staging / "tokenizer").mkdir()
         tokenizer.save(staging / "tokenizer")
-        data.build_dataset(corpus, tokenizer, staging / "data", cfg.block_size, cfg.val_fraction, cfg.seed)
+        data.build_dataset(
+            corpus, tokenizer, staging / "data", cfg.block_size, cfg.val_fraction, cfg.seed
+        )
         if cfg.decay_steps is None:
             cfg.decay_steps = cfg.max_steps
-        config = cfg.to_dict() | {"corpus": str(Path(corpus_path).resolve()), "corpus_sha256": corpus.sha256}
+        config = cfg.to_dict() | {
+            "corpus": str(Path(corpus_path).resolve()),
+            "corpus_sha256": corpus.sha256,
+        }
         (staging / "train_config.json").write_text(json.dumps(config, indent=2))
         if run_dir.exists():
             run_dir.rmdir()
@@ -143,8 +150,12 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg.model)
-        self.lineage = {"dataset_sha256": self.data.tokens_sha256, "code_revision": ckpt.code_revision(),
-                        "run": str(run_dir), "base_model": None}
+        self.lineage = {
+            "dataset_sha256": self.data.tokens_sha256,
+            "code_revision": ckpt.code_revision(),
+            "run": str(run_dir),
+            "base_model": None,
+        }
         if cfg.base:
             base = ckpt.resolve(cfg.base)
             ckpt.load_weights(self.model, base / "model.safetensors")
@@ -154,8 +165,13 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=dist.device.type == "cuda",
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=dist.device.type == "cuda",
         )
         self.step = 0  # optimizer steps completed
         self.position = 0  # training blocks consumed (the data order's cursor)
@@ -191,22 +207,37 @@ class Trainer:
             self.metrics.truncate_after(self.step)
 
     def _meta(self, val_loss: float | None, train_loss: float | None) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "train_loss": train_loss,
-                "val_loss": val_loss, "best_val_loss": self.best_val, "lineage": self.lineage,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "best_val_loss": self.best_val,
+            "lineage": self.lineage,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
     def save(self, val_loss: float | None, train_loss: float | None) -> Path:
         """Rank 0 writes checkpoints/step-N, points RUN/checkpoint at it, prunes old ones."""
         target = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
         if self.dist.is_main:
             state = {
-                "step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
-                "elapsed_s": self.elapsed, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                "step": self.step,
+                "position": self.position,
+                "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed,
+                "best_val": self.best_val,
+                "bad_evals": self.bad_evals,
                 "optimizer": self.optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
             }
-            ckpt.write_checkpoint(target, self.model, self.tokenizer, self._meta(val_loss, train_loss), state)
+            ckpt.write_checkpoint(
+                target, self.model, self.tokenizer, self._meta(val_loss, train_loss), state
+            )
             ckpt.point_latest(self.run_dir, target)
             steps = sorted((self.run_dir / "checkpoints").glob("step-*"))
             for old in steps[: -self.cfg.keep_checkpoints]:
@@ -275,7 +306,10 @@ class Trainer:
         total = torch.zeros(2, device=self.dist.device, dtype=torch.float64)  # loss sum, targets
         mine = val_ids[self.dist.rank :: self.dist.world]
         for i in range(0, len(mine), self.cfg.batch_size):
-            x, y = (t.to(self.dist.device) for t in self.data.get_batch(mine[i : i + self.cfg.batch_size]))
+            x, y = (
+                t.to(self.dist.device)
+                for t in self.data.get_batch(mine[i : i + self.cfg.batch_size])
+            )
             with self._autocast():
                 logits = self.model(x)
             total[0] += token_losses(logits, y).sum().double()
@@ -284,25 +318,44 @@ class Trainer:
         loss_sum, count = self.dist.all_reduce(total).tolist()
         return loss_sum / max(count, 1)
 
-    def log(self, loss: float, grad_norm: float, tokens_per_s: float, val_loss: float | None,
-            progress: Progress | None) -> None:
+    def log(
+        self,
+        loss: float,
+        grad_norm: float,
+        tokens_per_s: float,
+        val_loss: float | None,
+        progress: Progress | None,
+    ) -> None:
         if not self.dist.is_main:
             return
-        record = {"step": self.step, "train_loss": loss, "lr": lr_at(self.step - 1, self.cfg),
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen,
-                  "elapsed_s": round(self.elapsed, 3), "ts": time.time()}
+        record = {
+            "step": self.step,
+            "train_loss": loss,
+            "lr": lr_at(self.step - 1, self.cfg),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": round(self.elapsed, 3),
+            "ts": time.time(),
+        }
         if val_loss is not None:
             record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         self.metrics.write(record)
-        progress.update(self.step, loss, tokens_per_s, f" val {val_loss:.4f}" if val_loss is not None else "")
+        progress.update(
+            self.step, loss, tokens_per_s, f" val {val_loss:.4f}" if val_loss is not None else ""
+        )
 
     def after_eval(self, val_loss: float, train_loss: float) -> bool:
         """Tracks the best validation loss (saving RUN/best); True when patience is exhausted."""
         if self.best_val is None or val_loss < self.best_val - self.cfg.min_delta:
             self.best_val, self.bad_evals = val_loss, 0
             if self.cfg.save_best and self.dist.is_main:
-                ckpt.write_checkpoint(self.run_dir / "best", self.model, self.tokenizer,
-                                      self._meta(val_loss, train_loss))
+                ckpt.write_checkpoint(
+                    self.run_dir / "best",
+                    self.model,
+                    self.tokenizer,
+                    self._meta(val_loss, train_loss),
+                )
         else:
             self.bad_evals += 1
         return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
@@ -345,11 +398,17 @@ def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
             interval_time += step_time
             interval_tokens += cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
             # every rank must agree to stop at the same step, or the others hang in all-reduce
-            stop = bool(d.all_reduce(torch.tensor([float(flag.requested)]), op=torch.distributed.ReduceOp.MAX))
+            stop = bool(
+                d.all_reduce(
+                    torch.tensor([float(flag.requested)]), op=torch.distributed.ReduceOp.MAX
+                )
+            )
             is_eval = tr.step % cfg.eval_every == 0 or tr.step == cfg.max_steps
             val_loss = tr.evaluate() if is_eval else None
             if tr.step % cfg.log_every == 0 or is_eval or stop:
-                tr.log(loss, grad_norm, interval_tokens / max(interval_time, 1e-9), val_loss, progress)
+                tr.log(
+                    loss, grad_norm, interval_tokens / max(interval_time, 1e-9), val_loss, progress
+                )
                 interval_tokens, interval_time = 0, 0.0
             if val_loss is not None and tr.after_eval(val_loss, loss):
                 stop_reason = "early_stopping"
@@ -365,5 +424,12 @@ def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
                 break
     if progress is not None:
         progress.close()
-    return RunResult(tr.run_dir, tr.step, tr.run_dir / "checkpoint", stop_reason, loss, tr.best_val,
-                     flag.signum if stop_reason == "interrupted" else None)
+    return RunResult(
+        tr.run_dir,
+        tr.step,
+        tr.run_dir / "checkpoint",
+        stop_reason,
+        loss,
+        tr.best_val,
+        flag.signum if stop_reason == "interrupted" else None,
+    )

@@ -1,6 +1,6 @@
 """Builds python-docstrings.txt from the docstrings of the running Python standard library.
 
-    python data/demo/make_corpus.py > data/demo/python-docstrings.txt
+python data/demo/make_corpus.py > data/demo/python-docstrings.txt
 """
 
 import importlib

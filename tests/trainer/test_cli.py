@@ -29,8 +29,18 @@ def test_help_lists_the_commands():
 
 def test_train_resume_generate(corpus_file, tmp_path):
     run_dir = tmp_path / "RUN"
-    out = run_cli("train", "--corpus", str(corpus_file), "--preset", "tiny", "--max-steps", "20",
-                  "--out", str(run_dir), *set_args())
+    out = run_cli(
+        "train",
+        "--corpus",
+        str(corpus_file),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "20",
+        "--out",
+        str(run_dir),
+        *set_args(),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str((run_dir / "checkpoints" / "step-0000020").resolve())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -41,11 +51,17 @@ def test_train_resume_generate(corpus_file, tmp_path):
 
     out = run_cli("train", "--resume", str(run_dir), "--max-steps", "30")
     assert out.returncode == 0, out.stderr
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 31))
 
-    greedy = [run_cli("generate", str(run_dir), "--prompt", "The", "--max-tokens", "12", "--temperature", "0")
-              for _ in range(2)]
+    greedy = [
+        run_cli(
+            "generate", str(run_dir), "--prompt", "The", "--max-tokens", "12", "--temperature", "0"
+        )
+        for _ in range(2)
+    ]
     assert greedy[0].returncode == 0, greedy[0].stderr
     assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.strip()
 
@@ -53,11 +69,24 @@ def test_train_resume_generate(corpus_file, tmp_path):
     from trainer.generate import generate
 
     model, tokenizer, _ = load_model(run_dir)
-    expected = tokenizer.decode(generate(model, tokenizer.encode("The"), 12, stop_ids=tokenizer.stop_ids))
+    expected = tokenizer.decode(
+        generate(model, tokenizer.encode("The"), 12, stop_ids=tokenizer.stop_ids)
+    )
     assert greedy[0].stdout == expected + "\n"
 
-    chat = run_cli("generate", str(run_dir / "checkpoint"), "--prompt", "Hi", "--max-tokens", "5", "--chat",
-                   "--temperature", "0.7", "--seed", "3")
+    chat = run_cli(
+        "generate",
+        str(run_dir / "checkpoint"),
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "5",
+        "--chat",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+    )
     assert chat.returncode == 0, chat.stderr
 
 
@@ -88,7 +117,9 @@ def test_too_little_text_and_bad_settings(tmp_path):
     corpus.write_text("just a few words")
     out = run_cli("train", "--corpus", str(corpus), "--out", str(tmp_path / "r"))
     assert out.returncode == 2 and "too little text" in out.stderr and not (tmp_path / "r").exists()
-    out = run_cli("train", "--corpus", str(corpus), "--set", "batch_size=0", "--out", str(tmp_path / "r"))
+    out = run_cli(
+        "train", "--corpus", str(corpus), "--set", "batch_size=0", "--out", str(tmp_path / "r")
+    )
     assert out.returncode == 2 and "batch_size=0 must be >= 1" in out.stderr
     out = run_cli("train", "--resume", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "is not a training run" in out.stderr
@@ -98,10 +129,23 @@ def test_too_little_text_and_bad_settings(tmp_path):
 
 def test_sigterm_writes_a_checkpoint_then_exits(corpus_file, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "aimass_cli", "train", "--corpus", str(corpus_file), "--max-steps", "100000",
-           "--out", str(run_dir), *set_args(eval_every=100000)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aimass_cli",
+        "train",
+        "--corpus",
+        str(corpus_file),
+        "--max-steps",
+        "100000",
+        "--out",
+        str(run_dir),
+        *set_args(eval_every=100000),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -117,10 +161,27 @@ def test_sigterm_writes_a_checkpoint_then_exits(corpus_file, tmp_path):
 
 def test_first_ctrl_c_checkpoints_and_exits_130(corpus_file, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "aimass_cli", "train", "--corpus", str(corpus_file), "--max-steps", "100000",
-           "--out", str(run_dir), *set_args(eval_every=100000)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "aimass_cli",
+        "train",
+        "--corpus",
+        str(corpus_file),
+        "--max-steps",
+        "100000",
+        "--out",
+        str(run_dir),
+        *set_args(eval_every=100000),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().strip()):

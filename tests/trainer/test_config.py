@@ -6,8 +6,10 @@ from trainer.errors import ConfigError
 
 def test_preset_then_file_then_overrides(tmp_path):
     path = tmp_path / "cfg.toml"
-    path.write_text('lr = 0.01\nbatch_size = 8\n[model]\nn_layers = 3\n')
-    cfg = build_train_config("tiny", path, {"batch_size": "4", "model.dim": "96", "compile": "false"})
+    path.write_text("lr = 0.01\nbatch_size = 8\n[model]\nn_layers = 3\n")
+    cfg = build_train_config(
+        "tiny", path, {"batch_size": "4", "model.dim": "96", "compile": "false"}
+    )
     assert cfg.lr == 0.01 and cfg.batch_size == 4
     assert cfg.model.n_layers == 3 and cfg.model.dim == 96
     assert cfg.model.ffn_dim == PRESETS["tiny"].ffn_dim
@@ -41,7 +43,10 @@ def test_bad_values_name_field_value_and_limit(overrides, message):
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ConfigError, match=r"preset='huge' is unknown; choose one of \['small', 'smollm2-135m', 'tiny'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"preset='huge' is unknown; choose one of \['small', 'smollm2-135m', 'tiny'\]",
+    ):
         build_train_config("huge")
 
 

@@ -19,19 +19,25 @@ TEXTS = [
     "Hello there. How are you today? I am fine, thank you.",
 ]
 CHAT = [
-    {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is two plus two?"},
-        {"role": "assistant", "content": "Four."},
-        {"role": "user", "content": "And the fox?"},
-        {"role": "assistant", "content": "It jumps over the lazy dog."},
-    ]},
-    {"messages": [
-        {"role": "user", "content": "Hello there."},
-        {"role": "assistant", "content": "Hello! How are you today?"},
-    ]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is two plus two?"},
+            {"role": "assistant", "content": "Four."},
+            {"role": "user", "content": "And the fox?"},
+            {"role": "assistant", "content": "It jumps over the lazy dog."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Hello there."},
+            {"role": "assistant", "content": "Hello! How are you today?"},
+        ]
+    },
 ]
-ASSISTANT_SPANS = [m["content"] + IM_END + "\n" for c in CHAT for m in c["messages"] if m["role"] == "assistant"]
+ASSISTANT_SPANS = [
+    m["content"] + IM_END + "\n" for c in CHAT for m in c["messages"] if m["role"] == "assistant"
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,7 @@ def jsonl(*records) -> str:
 
 def text_corpus(tmp_path, n_copies=8):
     for i in range(n_copies):
-        write(tmp_path / "corpus" / f"doc{i:02d}.txt", " ".join(TEXTS[i % 4:] + TEXTS[: i % 4]))
+        write(tmp_path / "corpus" / f"doc{i:02d}.txt", " ".join(TEXTS[i % 4 :] + TEXTS[: i % 4]))
     return scan_corpus(tmp_path / "corpus")
 
 
@@ -68,7 +74,9 @@ def train_ids(ds) -> np.ndarray:
 
 
 def build(corpus, tok, out, block_size=16, val_fraction=0.25, seed=7):
-    return build_dataset(corpus, tok, out, block_size=block_size, val_fraction=val_fraction, seed=seed)
+    return build_dataset(
+        corpus, tok, out, block_size=block_size, val_fraction=val_fraction, seed=seed
+    )
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -85,20 +93,50 @@ BAD_FILES = [
     ("a.txt", b"\x89PNG\r\n\x1a\n....", "binary file", None),
     ("a.txt", "hi".encode("utf-16"), "UTF-16", None),
     ("a.jsonl", jsonl({"text": "ok"}, '{"text": "oops"\n'), "malformed JSON", 2),
-    ("a.jsonl", jsonl({"text": "ok"}, "\n", [1, 2]), "must be a JSON object, this one is a list", 3),
+    (
+        "a.jsonl",
+        jsonl({"text": "ok"}, "\n", [1, 2]),
+        "must be a JSON object, this one is a list",
+        3,
+    ),
     ("a.jsonl", jsonl({"body": "x"}), 'missing field "text" (pretraining) or "messages"', 1),
     ("a.jsonl", jsonl({"text": "ok"}, {"txt": "x"}), 'missing field "text"', 2),
     ("a.jsonl", jsonl({"text": 3}), '"text" must be a string, not a number', 1),
     ("a.jsonl", jsonl({"text": "a", "messages": []}), 'both "text" and "messages"', 1),
     ("a.jsonl", jsonl({"messages": "hi"}), '"messages" must be a non-empty list', 1),
-    ("a.jsonl", jsonl({"messages": []}), '"messages" must be a non-empty list, not an empty list', 1),
-    ("a.jsonl", jsonl({"messages": [MSG, ANSWER]}, {"messages": [MSG, "hi"]}), "messages[1] must be an object", 2),
-    ("a.jsonl", jsonl({"messages": [{"role": "user"}, ANSWER]}), 'messages[0] needs a string "content"', 1),
+    (
+        "a.jsonl",
+        jsonl({"messages": []}),
+        '"messages" must be a non-empty list, not an empty list',
+        1,
+    ),
+    (
+        "a.jsonl",
+        jsonl({"messages": [MSG, ANSWER]}, {"messages": [MSG, "hi"]}),
+        "messages[1] must be an object",
+        2,
+    ),
+    (
+        "a.jsonl",
+        jsonl({"messages": [{"role": "user"}, ANSWER]}),
+        'messages[0] needs a string "content"',
+        1,
+    ),
     ("a.jsonl", jsonl({"messages": [{"role": 1, "content": "x"}]}), 'needs a string "role"', 1),
     ("a.jsonl", jsonl({"messages": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'", 1),
     ("a.jsonl", jsonl({"messages": [MSG, ANSWER]}, {"messages": [MSG]}), "no assistant message", 2),
-    ("a.jsonl", jsonl({"text": "a"}, {"messages": [MSG, ANSWER]}), "chat record but line 1 is a text record", 2),
-    ("a.jsonl", jsonl({"messages": [MSG, ANSWER]}, {"text": "a"}), "text record but line 1 is a chat record", 2),
+    (
+        "a.jsonl",
+        jsonl({"text": "a"}, {"messages": [MSG, ANSWER]}),
+        "chat record but line 1 is a text record",
+        2,
+    ),
+    (
+        "a.jsonl",
+        jsonl({"messages": [MSG, ANSWER]}, {"text": "a"}),
+        "text record but line 1 is a chat record",
+        2,
+    ),
     ("a.jsonl", jsonl({"text": "  "}, "\n"), "empty", None),
 ]
 
@@ -145,7 +183,13 @@ def test_scan_folder_is_sorted_skips_others_and_hashes_content_only(tmp_path):
     write(root / ".cache" / "x.txt", "hidden")
     corpus = scan_corpus(root)
     assert [p.relative_to(root).as_posix() for p in corpus.files] == [
-        "a/z.txt", "a-b.txt", "b.md", "c.jsonl", "d.jsonl", "e.txt"]
+        "a/z.txt",
+        "a-b.txt",
+        "b.md",
+        "c.jsonl",
+        "d.jsonl",
+        "e.txt",
+    ]
     assert corpus.kind == "chat"
     assert corpus.n_documents == 1 + 1 + 1 + 2 + 2
     assert corpus.n_bytes == sum(p.stat().st_size for p in corpus.files)
@@ -166,6 +210,7 @@ def test_scan_text_corpus_kind(tmp_path):
 
 # --- building --------------------------------------------------------------------------------
 
+
 def test_text_build_packs_documents_with_eos(tmp_path, tok):
     corpus = text_corpus(tmp_path)
     ds = build(corpus, tok, tmp_path / "ds")
@@ -175,7 +220,10 @@ def test_text_build_packs_documents_with_eos(tmp_path, tok):
         expected += tok.encode(path.read_text()) + [tok.eos_id]
     assert tokens.tolist() == expected
     assert ds.n_tokens == len(expected) and ds.kind == "text"
-    assert ds.tokens_sha256 == hashlib.sha256((tmp_path / "ds" / "tokens.bin").read_bytes()).hexdigest()
+    assert (
+        ds.tokens_sha256
+        == hashlib.sha256((tmp_path / "ds" / "tokens.bin").read_bytes()).hexdigest()
+    )
     meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert meta["dtype"] == "uint16" and meta["corpus_sha256"] == corpus.sha256
     assert meta["n_train_blocks"] + meta["n_val_blocks"] == (len(expected) - 1) // 16
@@ -197,7 +245,7 @@ def test_streaming_in_small_pieces_gives_the_same_tokens_as_whole_files(tmp_path
     for tokens in (whole, pieces):
         first = tokens.index(tok.eos_id)
         assert tokens.count(tok.eos_id) == 2 and tokens[-1] == tok.eos_id
-        assert tok.decode(tokens[:first]) == big == tok.decode(tokens[first + 1:-1])
+        assert tok.decode(tokens[:first]) == big == tok.decode(tokens[first + 1 : -1])
 
 
 def test_chat_loss_mask_covers_exactly_the_assistant_turns(tmp_path, tok):
@@ -237,14 +285,20 @@ def test_mixed_corpus_is_chat_and_learns_all_of_the_text(tmp_path, tok):
 def test_build_rejects_too_little_text(tmp_path, tok):
     corpus = scan_corpus(write(tmp_path / "tiny.txt", "Hello there."))
     n = len(tok.encode("Hello there.")) + 1
-    with pytest.raises(DataError, match=rf"too little text: {n} tokens after tokenization, one training "
-                       r"block needs block_size\+1 = 65; .*--set block_size=") as err:
+    with pytest.raises(
+        DataError,
+        match=rf"too little text: {n} tokens after tokenization, one training "
+        r"block needs block_size\+1 = 65; .*--set block_size=",
+    ) as err:
         build(corpus, tok, tmp_path / "ds", block_size=64)
     assert err.value.path == str(corpus.path)
     with pytest.raises(DataError, match=r"val_fraction=0.5 needs 2 .*--set val_fraction=0"):
         build(corpus, tok, tmp_path / "ds", block_size=n - 1, val_fraction=0.5)
     assert build(corpus, tok, tmp_path / "ds", block_size=n - 1, val_fraction=0).n_train_blocks == 1
-    assert sorted(os.listdir(tmp_path / "ds")) == ["dataset.json", "tokens.bin"]  # no temp files left
+    assert sorted(os.listdir(tmp_path / "ds")) == [
+        "dataset.json",
+        "tokens.bin",
+    ]  # no temp files left
 
 
 def test_build_notices_a_corpus_changed_since_the_scan(tmp_path, tok):
@@ -259,7 +313,9 @@ def test_build_reuses_matching_dataset_and_rebuilds_when_inputs_change(tmp_path,
     corpus = text_corpus(tmp_path)
     calls = []
     real = Tokenizer.encode_batch
-    monkeypatch.setattr(Tokenizer, "encode_batch", lambda self, texts: calls.append(1) or real(self, texts))
+    monkeypatch.setattr(
+        Tokenizer, "encode_batch", lambda self, texts: calls.append(1) or real(self, texts)
+    )
     first = build(corpus, tok, tmp_path / "ds")
     stamp = (tmp_path / "ds" / "tokens.bin").stat().st_mtime_ns
     assert len(calls) == 1
@@ -283,7 +339,9 @@ def test_wide_vocab_uses_uint32(tmp_path, tok):
 
     ds = build(text_corpus(tmp_path), Wide(tok.tok, stop_tokens=[IM_END]), tmp_path / "ds")
     assert ds.meta["dtype"] == "uint32"
-    assert ds.tokens.tolist() == build(text_corpus(tmp_path), tok, tmp_path / "narrow").tokens.tolist()
+    assert (
+        ds.tokens.tolist() == build(text_corpus(tmp_path), tok, tmp_path / "narrow").tokens.tolist()
+    )
 
 
 def test_open_missing_or_damaged_dataset(tmp_path, tok):
@@ -296,6 +354,7 @@ def test_open_missing_or_damaged_dataset(tmp_path, tok):
 
 
 # --- split, order, batches ---------------------------------------------------------------------
+
 
 def test_split_is_deterministic_disjoint_and_sized(tmp_path, tok):
     corpus = text_corpus(tmp_path)
@@ -317,7 +376,7 @@ def test_train_order_is_epochs_of_permutations_and_chunking_invariant(tmp_path, 
     n = ds.n_train_blocks
     stream = ds.train_block_ids(0, 3 * n + 5)
     assert stream.dtype == np.int64
-    epochs = [stream[i * n:(i + 1) * n] for i in range(3)]
+    epochs = [stream[i * n : (i + 1) * n] for i in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == list(train_ids(ds))
     assert not np.array_equal(epochs[0], epochs[1])
@@ -330,7 +389,7 @@ def test_train_order_is_epochs_of_permutations_and_chunking_invariant(tmp_path, 
         pos += len(parts[-1])
     assert np.array_equal(np.concatenate(parts), stream)
     fresh = TokenDataset.open(tmp_path / "ds")  # a resumed run starts mid-stream
-    assert np.array_equal(fresh.train_block_ids(2 * n - 3, 10), stream[2 * n - 3: 2 * n + 7])
+    assert np.array_equal(fresh.train_block_ids(2 * n - 3, 10), stream[2 * n - 3 : 2 * n + 7])
 
 
 def test_get_batch_shapes_and_shift(tmp_path, tok):
@@ -340,10 +399,12 @@ def test_get_batch_shapes_and_shift(tmp_path, tok):
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     tokens = np.asarray(ds.tokens, dtype=np.int64)
     for row, i in enumerate(ids):
-        assert x[row].tolist() == tokens[i * 16: i * 16 + 16].tolist()
-        assert y[row].tolist() == tokens[i * 16 + 1: i * 16 + 17].tolist()
+        assert x[row].tolist() == tokens[i * 16 : i * 16 + 16].tolist()
+        assert y[row].tolist() == tokens[i * 16 + 1 : i * 16 + 17].tolist()
     assert ds.count_targets(ids) == 4 * 16
-    last = (ds.n_tokens - 1) // 16 - 1  # the last block reaches the final token or stops short of it
+    last = (
+        ds.n_tokens - 1
+    ) // 16 - 1  # the last block reaches the final token or stops short of it
     assert (last + 1) * 16 + 1 <= ds.n_tokens
     assert ds.get_batch([last])[1].shape == (1, 16)
 
@@ -354,9 +415,9 @@ def test_chat_get_batch_ignores_targets_outside_the_loss(tmp_path, tok):
     x, y = ds.get_batch(ids)
     mask = np.asarray(ds.loss_mask)
     for row, i in enumerate(ids):
-        targets = mask[i * 16 + 1: i * 16 + 17]
+        targets = mask[i * 16 + 1 : i * 16 + 17]
         assert ((y[row] == -100).numpy() == (targets == 0)).all()
-        assert x[row].tolist() == ds.tokens[i * 16: i * 16 + 16].tolist()
+        assert x[row].tolist() == ds.tokens[i * 16 : i * 16 + 16].tolist()
     assert ds.count_targets(ids) == int((y != -100).sum())
 
 
@@ -365,11 +426,16 @@ def test_chat_needs_a_template_that_accepts_and_extends_the_conversation(tmp_pat
     no_template = Tokenizer(tok.tok, chat_template=None)
     with pytest.raises(DataError, match="no chat template"):
         build(corpus, no_template, tmp_path / "a")
-    strict = Tokenizer(tok.tok, chat_template="{% if messages[0]['role'] == 'system' %}"
-                       "{{ raise_exception('no system prompts') }}{% endif %}{{ messages | length }}")
+    strict = Tokenizer(
+        tok.tok,
+        chat_template="{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('no system prompts') }}{% endif %}{{ messages | length }}",
+    )
     with pytest.raises(DataError, match="rejected this conversation: no system prompts") as err:
         build(corpus, strict, tmp_path / "b")
     assert (err.value.path, err.value.line) == (str(corpus.path), 1)
-    reversed_ = Tokenizer(tok.tok, chat_template="{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}")
+    reversed_ = Tokenizer(
+        tok.tok, chat_template="{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(DataError, match="does not render this conversation turn by turn"):
         build(corpus, reversed_, tmp_path / "c")

@@ -23,27 +23,55 @@ def free_port() -> int:
 
 def train_cmd(corpus, out, batch_size):
     overrides = tiny_overrides(batch_size=batch_size, max_steps=12, eval_every=6, device="cpu")
-    return ["-m", "aimass_cli", "train", "--corpus", str(corpus), "--out", str(out),
-            *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]]
+    return [
+        "-m",
+        "aimass_cli",
+        "train",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")],
+    ]
 
 
 def curve(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
 def test_two_processes_match_one_process_with_the_same_global_batch(corpus_file, tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     single = tmp_path / "single"
-    out = subprocess.run([sys.executable, *train_cmd(corpus_file, single, 8)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, *train_cmd(corpus_file, single, 8)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
 
     ddp = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master_port={free_port()}", "--master_addr=127.0.0.1"]
-    out = subprocess.run([*launcher, *train_cmd(corpus_file, ddp, 4)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+    ]
+    out = subprocess.run(
+        [*launcher, *train_cmd(corpus_file, ddp, 4)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("step-0000012") == 1  # only rank 0 reports
 

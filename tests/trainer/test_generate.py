@@ -21,7 +21,7 @@ def test_greedy_is_argmax_of_full_forward(model):
     with torch.no_grad():
         for _ in range(12):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert out == ids[len(prompt):]
+    assert out == ids[len(prompt) :]
 
 
 def test_sampling_is_reproducible_with_a_seed(model):
@@ -32,7 +32,9 @@ def test_sampling_is_reproducible_with_a_seed(model):
 
 
 def test_top_k_one_is_greedy(model):
-    assert generate(model, [3, 4], 10, temperature=1.5, top_k=1, seed=1) == generate(model, [3, 4], 10)
+    assert generate(model, [3, 4], 10, temperature=1.5, top_k=1, seed=1) == generate(
+        model, [3, 4], 10
+    )
 
 
 def test_stop_ids_end_generation(model):
@@ -42,7 +44,10 @@ def test_stop_ids_end_generation(model):
 
 
 def test_context_limit_names_the_numbers(model):
-    with pytest.raises(ConfigError, match=r"prompt \(10 tokens\) \+ max_tokens \(250\) = 260 exceeds the model's context of 256"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prompt \(10 tokens\) \+ max_tokens \(250\) = 260 exceeds the model's context of 256",
+    ):
         generate(model, list(range(10)), 250)
     with pytest.raises(ConfigError, match="prompt is empty"):
         generate(model, [], 5)

@@ -21,13 +21,21 @@ def test_logits_match_transformers_llama(tie):
     cfg = dataclasses.replace(PRESETS["tiny"], tie_embeddings=tie, rope_theta=50000.0)
     ours = Transformer(cfg).eval()
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=tie,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {k if k.startswith("lm_head") else f"model.{k}": v for k, v in ours.state_dict().items()}
+    state = {
+        k if k.startswith("lm_head") else f"model.{k}": v for k, v in ours.state_dict().items()
+    }
     hf.load_state_dict(state, strict=True)
     idx = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():

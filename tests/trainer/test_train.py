@@ -25,11 +25,16 @@ def start_run(corpus, run_dir, **extra):
 
 
 def losses(run_dir):
-    return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)["train_loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_lr_schedule():
-    cfg = build_train_config("tiny", None, {"lr": "1.0", "min_lr": "0.1", "warmup_steps": "10", "max_steps": "110"})
+    cfg = build_train_config(
+        "tiny", None, {"lr": "1.0", "min_lr": "0.1", "warmup_steps": "10", "max_steps": "110"}
+    )
     assert train.lr_at(0, cfg) == pytest.approx(0.1)
     assert train.lr_at(9, cfg) == pytest.approx(1.0)
     assert train.lr_at(60, cfg) == pytest.approx(0.55)
@@ -51,10 +56,19 @@ def test_run_writes_metrics_checkpoints_and_charts(corpus_file, tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     folder = resolve(run_dir)
     assert folder.name == "step-0000030"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "meta.json",
-                 "train_state.pt"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "meta.json",
+        "train_state.pt",
+    ):
         assert (folder / name).is_file(), name
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000020", "step-0000030"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-0000020",
+        "step-0000030",
+    ]
     for chart in ("loss.png", "lr.png", "throughput.png"):
         assert (run_dir / chart).read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((folder / "meta.json").read_text())
@@ -79,7 +93,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(corpus_file, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
 
     first = train.run(cfg, resumed, on_step=sigterm_at_13)
-    assert first.stop_reason == "interrupted" and first.step == 14  # the signal lands during step 14's hook
+    assert (
+        first.stop_reason == "interrupted" and first.step == 14
+    )  # the signal lands during step 14's hook
     assert resolve(resumed).name == "step-0000014"
     second = train.run(train.load_run_config(resumed), resumed, resume=True)
     assert second.step == 30 and second.stop_reason == "max_steps"
@@ -139,11 +155,18 @@ def test_finetune_from_a_checkpoint(corpus_file, tmp_path):
     train.run(start_run(corpus_file, base, max_steps=10), base)
     ft = tmp_path / "ft"
     base_model, _, _ = load_model(base)
-    cfg = build_train_config(None, None, {"max_steps": "5", "eval_every": "5", "block_size": "32", "batch_size": "4"},
-                             base=str(resolve(base)), base_model=base_model.cfg)
+    cfg = build_train_config(
+        None,
+        None,
+        {"max_steps": "5", "eval_every": "5", "block_size": "32", "batch_size": "4"},
+        base=str(resolve(base)),
+        base_model=base_model.cfg,
+    )
     train.prepare_run(cfg, corpus_file, ft)
     result = train.run(train.load_run_config(ft), ft)
     assert result.step == 5
-    assert (ft / "tokenizer" / "tokenizer.json").read_bytes() == (resolve(base) / "tokenizer.json").read_bytes()
+    assert (ft / "tokenizer" / "tokenizer.json").read_bytes() == (
+        resolve(base) / "tokenizer.json"
+    ).read_bytes()
     meta = json.loads((resolve(ft) / "meta.json").read_text())
     assert meta["lineage"]["base_model"] == str(resolve(base))
