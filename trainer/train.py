@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer import checkpoint as ckpt
 from trainer import data, distributed
 from trainer.config import TrainConfig
+from trainer.corpus import iter_texts, scan_corpus
 from trainer.errors import CheckpointError, TrainingDiverged
 from trainer.metrics import MetricsLog, Progress, draw_charts
 from trainer.model import Transformer, token_losses
@@ -72,7 +73,7 @@ def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> Non
         raise CheckpointError(
             f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --out"
         )
-    corpus = data.scan_corpus(corpus_path)
+    corpus = scan_corpus(corpus_path)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = run_dir.with_name(f".{run_dir.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -81,7 +82,7 @@ def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> Non
         if cfg.base:
             tokenizer = Tokenizer.load(ckpt.resolve(cfg.base))
         else:
-            tokenizer = train_bpe(data.iter_texts(corpus), cfg.vocab_size)
+            tokenizer = train_bpe(iter_texts(corpus), cfg.vocab_size)
             cfg.model.vocab_size = tokenizer.vocab_size
         (staging / "tokenizer").mkdir()
         tokenizer.save(staging / "tokenizer")

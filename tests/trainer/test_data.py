@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from trainer import corpus as corpus_module
 from trainer import data
-from trainer.data import TokenDataset, build_dataset, iter_texts, scan_corpus
+from trainer.corpus import iter_texts, scan_corpus
+from trainer.data import TokenDataset, build_dataset
 from trainer.errors import DataError
 from trainer.tokenizer import IM_END, Tokenizer, train_bpe
 
@@ -237,7 +239,7 @@ def test_streaming_in_small_pieces_gives_the_same_tokens_as_whole_files(tmp_path
     write(tmp_path / "c" / "b.jsonl", jsonl({"text": big}))
     corpus = scan_corpus(tmp_path / "c")
     whole = build(corpus, tok, tmp_path / "whole").tokens.tolist()
-    monkeypatch.setattr(data, "_PIECE_CHARS", 30)
+    monkeypatch.setattr(corpus_module, "_PIECE_CHARS", 30)
     monkeypatch.setattr(data, "_CHUNK_CHARS", 50)
     assert len(list(iter_texts(corpus))) > 10
     pieces = build(corpus, tok, tmp_path / "pieces").tokens.tolist()
