@@ -9,7 +9,7 @@ optimizer step, fp32 on CPU and bf16 autocast on CUDA. The two models' timed ste
 Peak memory is measured per model in a child process that builds and trains that model only:
 `torch.cuda.max_memory_allocated` on CUDA, peak RSS (`ru_maxrss`) on CPU.
 
-    python benchmarks/train_throughput.py                      # small and smollm2-135m, ~6 min
+    python benchmarks/train_throughput.py                      # small and smollm2-135m, ~5 min
     python benchmarks/train_throughput.py --presets small --steps 20 --json out/bench.json
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +27,7 @@ import time
 # (small, 8x256) and ~5 s (smollm2-135m, 4x256), so the default run takes ~5 minutes
 DEFAULTS = {"small": (8, 256, 20), "smollm2-135m": (4, 256, 10)}
 PROBE_STEPS = 2  # the peak comes in step 2, when AdamW's moments coexist with activations and grads
-PROBE_REPEATS = 2  # CPU peak RSS varies by ~3% run to run (allocator timing): keep each model's least
+PROBE_REPEATS = 2  # CPU peak RSS varies ~3% run to run (allocator timing): keep each model's least
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 0.1
 MODELS = ("ours", "hf")
 
@@ -35,8 +35,9 @@ MODELS = ("ours", "hf")
 def resolve_device(name: str):
     import torch
 
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        "cpu" if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def hf_config(cfg):
@@ -46,8 +47,9 @@ def hf_config(cfg):
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
+        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
     )
 
 
@@ -61,12 +63,13 @@ def build(which: str, cfg, device):
 
 
 def loss_fn(which: str, model, device):
-    """(inputs, targets) -> mean token loss, with the same loss code and autocast for both models."""
+    """(inputs, targets) -> mean token loss: the same loss code and autocast for both models."""
     import torch
 
     from trainer.model import token_losses
 
-    forward = model if which == "ours" else (lambda idx: model(input_ids=idx, use_cache=False).logits)
+    def forward(idx):  # (B, T) -> (B, T, V)
+        return model(idx) if which == "ours" else model(input_ids=idx, use_cache=False).logits
 
     def loss(inputs, targets):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -93,11 +96,11 @@ def make_batch(vocab_size: int, batch: int, seq_len: int, device):
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g).to(device)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) inputs, (B, T) targets
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) inputs and targets
 
 
 def probe_memory(which: str, preset: str, batch: int, seq_len: int, device_name: str) -> dict:
-    """Builds and trains one model for PROBE_STEPS steps in this process; returns its peak memory."""
+    """Builds and trains one model for PROBE_STEPS steps in this process: its peak memory."""
     import resource
 
     import torch
@@ -115,7 +118,8 @@ def probe_memory(which: str, preset: str, batch: int, seq_len: int, device_name:
         step(inputs, targets)
     if device.type == "cuda":
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "baseline_bytes": 0}
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "baseline_bytes": baseline}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": peak, "baseline_bytes": baseline}
 
 
 def run_probe(which: str, preset: str, batch: int, seq_len: int, args) -> dict:
@@ -137,7 +141,8 @@ def measure_memory(preset: str, batch: int, seq_len: int, args) -> dict:
     return {m: min(rs, key=lambda r: r["peak_bytes"]) for m, rs in runs.items()}
 
 
-def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int, device) -> dict:
+def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int,
+                       device) -> dict:
     import torch
 
     from trainer.config import PRESETS
@@ -145,10 +150,10 @@ def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup
     cfg = PRESETS[preset]
     torch.manual_seed(0)
     models = {"ours": build("ours", cfg, device), "hf": build("hf", cfg, device)}
-    # HF names are ours under "model.", except the head; the tied head is the same tensor in both
-    ours_sd = models["ours"].state_dict()
+    # HF names are ours under "model.", except the head (tied: the embedding tensor in both)
+    state = models["ours"].state_dict()
     models["hf"].load_state_dict(
-        {("" if k == "lm_head.weight" else "model.") + k: v for k, v in ours_sd.items()}, strict=True)
+        {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}, strict=True)
     losses = {name: loss_fn(name, m, device) for name, m in models.items()}
     inputs, targets = make_batch(cfg.vocab_size, batch, seq_len, device)
     with torch.no_grad():
@@ -168,10 +173,10 @@ def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup
             times[name].append(time.perf_counter() - t0)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {
-        "step_times_s": times,
         "params": models["ours"].num_params(),
         "first_loss": first, "loss_abs_diff": abs(first["ours"] - first["hf"]),
-        "step_s": medians, "tokens_per_s": {name: batch * seq_len / s for name, s in medians.items()},
+        "step_times_s": times, "median_step_s": medians,
+        "tokens_per_s": {name: batch * seq_len / s for name, s in medians.items()},
     }
 
 
@@ -179,16 +184,17 @@ def print_table(results: list[dict], device) -> None:
     mib = 1 << 20
     mem = "peak CUDA alloc MiB" if device.type == "cuda" else "peak RSS MiB (above imports)"
     print(f"\ndevice={device}  tokens/s = B*T / median step; memory: {mem}")
-    print(f"{'preset':<14}{'params':>8}{'BxT':>8} | {'tok/s ours':>10}{'tok/s HF':>10}{'ratio':>7}{'best':>6} | "
-          f"{'mem ours':>16}{'mem HF':>16}{'ratio':>7} | loss diff")
+    print(f"{'preset':<14}{'params':>8}{'BxT':>8} | {'tok/s ours':>10}{'tok/s HF':>10}{'ratio':>7}"
+          f"{'best':>6} | {'mem ours':>16}{'mem HF':>16}{'ratio':>7} | loss diff")
     for r in results:
         tps, m = r["tokens_per_s"], r["memory"]
         peak = {k: m[k]["peak_bytes"] / mib for k in MODELS}
         above = {k: (m[k]["peak_bytes"] - m[k]["baseline_bytes"]) / mib for k in MODELS}
         cell = {k: f"{peak[k]:.0f} ({above[k]:.0f})" for k in MODELS}
         print(f"{r['preset']:<14}{r['params'] / 1e6:>7.1f}M{r['batch']:>4}x{r['seq_len']:<3} | "
-              f"{tps['ours']:>10.0f}{tps['hf']:>10.0f}{r['tokens_per_s_ratio']:>7.2f}{r['best_step_ratio']:>6.2f} | "
-              f"{cell['ours']:>16}{cell['hf']:>16}{r['peak_memory_ratio']:>7.2f} | {r['loss_abs_diff']:.1e}")
+              f"{tps['ours']:>10.0f}{tps['hf']:>10.0f}{r['tokens_per_s_ratio']:>7.2f}"
+              f"{r['best_step_ratio']:>6.2f} | {cell['ours']:>16}{cell['hf']:>16}"
+              f"{r['peak_memory_ratio']:>7.2f} | {r['loss_abs_diff']:.1e}")
     print("ratio = ours / transformers, tok/s from the median step (best: from the fastest step); "
           "memory ratio on the figures above the RSS after imports on CPU")
 
@@ -203,7 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
-    p.add_argument("--probe-memory", choices=MODELS, help=argparse.SUPPRESS)  # internal: child process
+    p.add_argument("--probe-memory", choices=MODELS, help=argparse.SUPPRESS)  # internal: a child
     p.add_argument("--preset", help=argparse.SUPPRESS)  # internal: the probe's preset
     return p.parse_args(argv)
 
@@ -215,23 +221,24 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
     if args.probe_memory:
-        print(json.dumps(probe_memory(args.probe_memory, args.preset, args.batch_size, args.seq_len,
-                                      args.device)))
+        probe = probe_memory(args.probe_memory, args.preset, args.batch_size, args.seq_len,
+                             args.device)
+        print(json.dumps(probe))
         return
+    load_start = os.getloadavg()[0]  # work already on the machine, which the timings will share
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in DEFAULTS]
     if unknown:
         sys.exit(f"--presets: unknown {unknown}; choose from {list(DEFAULTS)}")
     plans = {p: (args.batch_size or DEFAULTS[p][0], args.seq_len or DEFAULTS[p][1],
                  args.steps or DEFAULTS[p][2]) for p in presets}
-    # Probes run first, while this process is still small: on Linux a child's ru_maxrss starts at
-    # the parent's peak RSS (it is carried over fork/exec), which would swamp the measurement.
+    # Probes run first, while this process is still small: on Linux a child's ru_maxrss starts
+    # at the parent's peak RSS (it is carried over fork and exec), which would swamp the figure.
     memory = {}
     for preset, (batch, seq_len, _) in plans.items():
         print(f"{preset}: memory probes, {PROBE_REPEATS} per model ...", flush=True)
         memory[preset] = measure_memory(preset, batch, seq_len, args)
     device = resolve_device(args.device)
-    load_before = os.getloadavg()[0]  # other work on the machine shows up here and in the step times
     results = []
     for preset, (batch, seq_len, steps) in plans.items():
         print(f"{preset}: B={batch} T={seq_len} warmup={args.warmup} steps={steps} ...", flush=True)
@@ -243,19 +250,20 @@ def main(argv=None) -> None:
                  tokens_per_s_ratio=r["tokens_per_s"]["ours"] / r["tokens_per_s"]["hf"],
                  best_step_ratio=best["hf"] / best["ours"],
                  peak_memory_ratio=used["ours"] / used["hf"])
-        print(f"  first-batch loss ours={r['first_loss']['ours']:.6f} hf={r['first_loss']['hf']:.6f} "
-              f"|diff|={r['loss_abs_diff']:.2e}", flush=True)
+        print(f"  first-batch loss ours={r['first_loss']['ours']:.6f} "
+              f"hf={r['first_loss']['hf']:.6f} |diff|={r['loss_abs_diff']:.2e}", flush=True)
         results.append(r)
     print_table(results, device)
-    load = (load_before, os.getloadavg()[0])
-    print(f"1-min load average before/after the timed steps: {load[0]:.1f}/{load[1]:.1f} "
-          f"on {os.cpu_count()} CPUs (a load above the CPU count means the timings shared the cores)")
+    load = (load_start, os.getloadavg()[0])
+    print(f"1-min load average at start {load[0]:.1f}, at end {load[1]:.1f} (with this run's own "
+          f"threads) on {os.cpu_count()} CPUs; a higher load means the timings shared the cores")
     if args.json:
         import torch
         import transformers
 
-        meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "warmup": args.warmup, "load_avg_1min": load}
+        meta = {"device": str(device), "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "warmup": args.warmup, "load_avg_1min_start_end": load}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
 

@@ -96,20 +96,27 @@ def load_weights(model: Transformer, path: Path) -> None:
         state = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
+    load_state(model, state, path)
+
+
+def load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Loads `state` (our parameter names) into `model` after checking every name and shape
+    against its config; a tied model's lm_head.weight may be absent (it is the embedding)."""
     if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         expected.pop("lm_head.weight")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{source} does not match the model config: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]}"
         )
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise CheckpointError(
-                f"{path}: {name} has shape {tuple(state[name].shape)}, config.json needs {tuple(shape)}"
+                f"{source}: {name} has shape {tuple(state[name].shape)}, the config needs {tuple(shape)}"
             )
     model.load_state_dict(state, strict=False)
 

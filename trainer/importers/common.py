@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import write_checkpoint
+from trainer.checkpoint import load_state, write_checkpoint
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError, ConfigError
 from trainer.model import Transformer
@@ -65,19 +65,6 @@ def write_imported(
             f"{cfg.vocab_size} embeddings"
         )
     model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
-        )
-    for name, shape in expected.items():
-        if state[name].shape != shape:
-            raise CheckpointError(
-                f"{source}: {name} has shape {tuple(state[name].shape)}, the config needs {tuple(shape)}"
-            )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    load_state(model, {k: v.float() for k, v in state.items()}, source)
     meta = {"step": 0, "lineage": lineage}
     return write_checkpoint(out_dir, model, tokenizer, meta)
