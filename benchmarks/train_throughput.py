@@ -44,11 +44,17 @@ def hf_config(cfg):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
         attn_implementation="sdpa",
     )
 
@@ -123,8 +129,20 @@ def probe_memory(which: str, preset: str, batch: int, seq_len: int, device_name:
 
 
 def run_probe(which: str, preset: str, batch: int, seq_len: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--probe-memory", which, "--preset", preset, "--batch-size",
-           str(batch), "--seq-len", str(seq_len), "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--probe-memory",
+        which,
+        "--preset",
+        preset,
+        "--batch-size",
+        str(batch),
+        "--seq-len",
+        str(seq_len),
+        "--device",
+        args.device,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -141,8 +159,9 @@ def measure_memory(preset: str, batch: int, seq_len: int, args) -> dict:
     return {m: min(rs, key=lambda r: r["peak_bytes"]) for m, rs in runs.items()}
 
 
-def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int,
-                       device) -> dict:
+def measure_throughput(
+    preset: str, batch: int, seq_len: int, steps: int, warmup: int, device
+) -> dict:
     import torch
 
     from trainer.config import PRESETS
@@ -153,7 +172,8 @@ def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup
     # HF names are ours under "model.", except the head (tied: the embedding tensor in both)
     state = models["ours"].state_dict()
     models["hf"].load_state_dict(
-        {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}, strict=True)
+        {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}, strict=True
+    )
     losses = {name: loss_fn(name, m, device) for name, m in models.items()}
     inputs, targets = make_batch(cfg.vocab_size, batch, seq_len, device)
     with torch.no_grad():
@@ -174,8 +194,10 @@ def measure_throughput(preset: str, batch: int, seq_len: int, steps: int, warmup
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "params": models["ours"].num_params(),
-        "first_loss": first, "loss_abs_diff": abs(first["ours"] - first["hf"]),
-        "step_times_s": times, "median_step_s": medians,
+        "first_loss": first,
+        "loss_abs_diff": abs(first["ours"] - first["hf"]),
+        "step_times_s": times,
+        "median_step_s": medians,
         "tokens_per_s": {name: batch * seq_len / s for name, s in medians.items()},
     }
 
@@ -184,19 +206,25 @@ def print_table(results: list[dict], device) -> None:
     mib = 1 << 20
     mem = "peak CUDA alloc MiB" if device.type == "cuda" else "peak RSS MiB (above imports)"
     print(f"\ndevice={device}  tokens/s = B*T / median step; memory: {mem}")
-    print(f"{'preset':<14}{'params':>8}{'BxT':>8} | {'tok/s ours':>10}{'tok/s HF':>10}{'ratio':>7}"
-          f"{'best':>6} | {'mem ours':>16}{'mem HF':>16}{'ratio':>7} | loss diff")
+    print(
+        f"{'preset':<14}{'params':>8}{'BxT':>8} | {'tok/s ours':>10}{'tok/s HF':>10}{'ratio':>7}"
+        f"{'best':>6} | {'mem ours':>16}{'mem HF':>16}{'ratio':>7} | loss diff"
+    )
     for r in results:
         tps, m = r["tokens_per_s"], r["memory"]
         peak = {k: m[k]["peak_bytes"] / mib for k in MODELS}
         above = {k: (m[k]["peak_bytes"] - m[k]["baseline_bytes"]) / mib for k in MODELS}
         cell = {k: f"{peak[k]:.0f} ({above[k]:.0f})" for k in MODELS}
-        print(f"{r['preset']:<14}{r['params'] / 1e6:>7.1f}M{r['batch']:>4}x{r['seq_len']:<3} | "
-              f"{tps['ours']:>10.0f}{tps['hf']:>10.0f}{r['tokens_per_s_ratio']:>7.2f}"
-              f"{r['best_step_ratio']:>6.2f} | {cell['ours']:>16}{cell['hf']:>16}"
-              f"{r['peak_memory_ratio']:>7.2f} | {r['loss_abs_diff']:.1e}")
-    print("ratio = ours / transformers, tok/s from the median step (best: from the fastest step); "
-          "memory ratio on the figures above the RSS after imports on CPU")
+        print(
+            f"{r['preset']:<14}{r['params'] / 1e6:>7.1f}M{r['batch']:>4}x{r['seq_len']:<3} | "
+            f"{tps['ours']:>10.0f}{tps['hf']:>10.0f}{r['tokens_per_s_ratio']:>7.2f}"
+            f"{r['best_step_ratio']:>6.2f} | {cell['ours']:>16}{cell['hf']:>16}"
+            f"{r['peak_memory_ratio']:>7.2f} | {r['loss_abs_diff']:.1e}"
+        )
+    print(
+        "ratio = ours / transformers, tok/s from the median step (best: from the fastest step); "
+        "memory ratio on the figures above the RSS after imports on CPU"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -221,8 +249,9 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
     if args.probe_memory:
-        probe = probe_memory(args.probe_memory, args.preset, args.batch_size, args.seq_len,
-                             args.device)
+        probe = probe_memory(
+            args.probe_memory, args.preset, args.batch_size, args.seq_len, args.device
+        )
         print(json.dumps(probe))
         return
     load_start = os.getloadavg()[0]  # work already on the machine, which the timings will share
@@ -230,8 +259,14 @@ def main(argv=None) -> None:
     unknown = [p for p in presets if p not in DEFAULTS]
     if unknown:
         sys.exit(f"--presets: unknown {unknown}; choose from {list(DEFAULTS)}")
-    plans = {p: (args.batch_size or DEFAULTS[p][0], args.seq_len or DEFAULTS[p][1],
-                 args.steps or DEFAULTS[p][2]) for p in presets}
+    plans = {
+        p: (
+            args.batch_size or DEFAULTS[p][0],
+            args.seq_len or DEFAULTS[p][1],
+            args.steps or DEFAULTS[p][2],
+        )
+        for p in presets
+    }
     # Probes run first, while this process is still small: on Linux a child's ru_maxrss starts
     # at the parent's peak RSS (it is carried over fork and exec), which would swamp the figure.
     memory = {}
@@ -246,24 +281,40 @@ def main(argv=None) -> None:
         m = memory[preset]
         used = {k: m[k]["peak_bytes"] - m[k]["baseline_bytes"] for k in MODELS}
         best = {k: min(r["step_times_s"][k]) for k in MODELS}
-        r.update(preset=preset, batch=batch, seq_len=seq_len, steps=steps, memory=m,
-                 tokens_per_s_ratio=r["tokens_per_s"]["ours"] / r["tokens_per_s"]["hf"],
-                 best_step_ratio=best["hf"] / best["ours"],
-                 peak_memory_ratio=used["ours"] / used["hf"])
-        print(f"  first-batch loss ours={r['first_loss']['ours']:.6f} "
-              f"hf={r['first_loss']['hf']:.6f} |diff|={r['loss_abs_diff']:.2e}", flush=True)
+        r.update(
+            preset=preset,
+            batch=batch,
+            seq_len=seq_len,
+            steps=steps,
+            memory=m,
+            tokens_per_s_ratio=r["tokens_per_s"]["ours"] / r["tokens_per_s"]["hf"],
+            best_step_ratio=best["hf"] / best["ours"],
+            peak_memory_ratio=used["ours"] / used["hf"],
+        )
+        print(
+            f"  first-batch loss ours={r['first_loss']['ours']:.6f} "
+            f"hf={r['first_loss']['hf']:.6f} |diff|={r['loss_abs_diff']:.2e}",
+            flush=True,
+        )
         results.append(r)
     print_table(results, device)
     load = (load_start, os.getloadavg()[0])
-    print(f"1-min load average at start {load[0]:.1f}, at end {load[1]:.1f} (with this run's own "
-          f"threads) on {os.cpu_count()} CPUs; a higher load means the timings shared the cores")
+    print(
+        f"1-min load average at start {load[0]:.1f}, at end {load[1]:.1f} (with this run's own "
+        f"threads) on {os.cpu_count()} CPUs; a higher load means the timings shared the cores"
+    )
     if args.json:
         import torch
         import transformers
 
-        meta = {"device": str(device), "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "warmup": args.warmup, "load_avg_1min_start_end": load}
+        meta = {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "warmup": args.warmup,
+            "load_avg_1min_start_end": load,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
 

@@ -173,7 +173,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if positions is None:
             start = cache.pos if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+            # (1, T): the rotary tables are computed once and broadcast over the batch
+            positions = torch.arange(start, start + T, device=idx.device)[None]
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
         x = self.embed_tokens(idx)  # (B, T, D)
