@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml
 # print a sample from it.
 run: venv
 	@if [ ! -e $(DEMO_RUN)/checkpoint ]; then \
-		$(BIN)/aimass train --corpus $(DEMO_CORPUS) --preset tiny --max-steps 600 \
-			--set block_size=128 --set batch_size=16 --set eval_every=100 --out $(DEMO_RUN); \
+		$(BIN)/aimass train --corpus $(DEMO_CORPUS) --preset tiny --max-steps 1500 \
+			--set block_size=128 --set batch_size=16 --set eval_every=250 --out $(DEMO_RUN); \
 	fi
-	$(BIN)/aimass generate $(DEMO_RUN) --prompt "Return the" --max-tokens 60 --temperature 0.8 --top-p 0.95 --seed 0
+	$(BIN)/aimass generate $(DEMO_RUN) --prompt "Return the" --max-tokens 60 --temperature 0.7 --top-p 0.9 --seed 0
 
 test: venv
 	$(BIN)/pytest -q
