@@ -169,7 +169,7 @@ def _raise_template_error(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # the GPT-2 byte ↔ printable-character table that byte-level BPE vocabularies are written in
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -186,4 +186,4 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+_BYTE_DECODER = {ch: b for b, ch in bytes_to_unicode().items()}

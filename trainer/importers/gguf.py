@@ -34,7 +34,7 @@ from trainer.importers.common import (
     validated,
     write_imported,
 )
-from trainer.tokenizer import Tokenizer, _bytes_to_unicode
+from trainer.tokenizer import Tokenizer, bytes_to_unicode
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "embed_tokens.weight",
@@ -260,7 +260,7 @@ def _tokenizer(fields: _Fields, path: Path) -> Tokenizer:
 
     # A byte-level vocabulary is written in GPT-2's byte alphabet; a token spelled otherwise is
     # respelled byte by byte, as transformers' GGUF converter does.
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
