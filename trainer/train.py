@@ -80,7 +80,8 @@ def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> Non
     staging.mkdir()
     try:
         if cfg.base:
-            tokenizer = Tokenizer.load(ckpt.resolve(cfg.base))
+            cfg.base = str(ckpt.resolve(cfg.base))  # absolute: a resume may start elsewhere
+            tokenizer = Tokenizer.load(cfg.base)
         else:
             tokenizer = train_bpe(iter_texts(corpus), cfg.vocab_size)
             cfg.model.vocab_size = tokenizer.vocab_size
@@ -144,7 +145,9 @@ class _StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: distributed.Dist):
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, dist: distributed.Dist, resume: bool = False
+    ):
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
         self.tokenizer = Tokenizer.load(run_dir / "tokenizer")
         self.data = data.TokenDataset.open(run_dir / "data")
@@ -157,7 +160,7 @@ class Trainer:
             "run": str(run_dir),
             "base_model": None,
         }
-        if cfg.base:
+        if cfg.base and not resume:  # a resumed run takes its weights from its own checkpoint
             base = ckpt.resolve(cfg.base)
             ckpt.load_weights(self.model, base / "model.safetensors")
             base_lineage = ckpt.read_meta(base).get("lineage", {})
@@ -196,6 +199,7 @@ class Trainer:
         if not state_path.is_file():
             raise CheckpointError(f"{folder} has no train_state.pt; it cannot be resumed")
         ckpt.load_weights(self.model, folder / "model.safetensors")
+        self.lineage["base_model"] = ckpt.read_meta(folder).get("lineage", {}).get("base_model")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.position = state["step"], state["position"]
@@ -375,7 +379,7 @@ def run(
     own_dist = dist is None
     dist = dist or distributed.setup(cfg.device)
     try:
-        return _loop(Trainer(cfg, run_dir, dist), resume, on_step)
+        return _loop(Trainer(cfg, run_dir, dist, resume), resume, on_step)
     finally:
         if own_dist:
             distributed.teardown(dist)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -170,3 +171,9 @@ def test_finetune_from_a_checkpoint(corpus_file, tmp_path):
     ).read_bytes()
     meta = json.loads((resolve(ft) / "meta.json").read_text())
     assert meta["lineage"]["base_model"] == str(resolve(base))
+    # a resumed fine-tune needs only its own checkpoint, and keeps its lineage
+    shutil.rmtree(base)
+    cfg = train.load_run_config(ft)
+    cfg.max_steps = 8
+    assert train.run(cfg, ft, resume=True).step == 8
+    assert json.loads((resolve(ft) / "meta.json").read_text())["lineage"] == meta["lineage"]
