@@ -46,7 +46,7 @@ def stream_tokens(
     idx = torch.tensor([prompt_ids], device=device)
     for _ in range(max_tokens):
         logits = model(idx, cache=cache, last_only=True)[0, -1].float()  # (V,)
-        token = _sample(logits, temperature, top_k, top_p, gen)
+        token = sample_token(logits, temperature, top_k, top_p, gen)
         if token in stops:
             return
         yield token
@@ -57,9 +57,10 @@ def generate(model: Transformer, prompt_ids: list[int], max_tokens: int, **sampl
     return list(stream_tokens(model, prompt_ids, max_tokens, **sampling))
 
 
-def _sample(
+def sample_token(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator
 ) -> int:
+    """One token from (V,) logits: argmax at temperature 0, else temperature → top-k → top-p."""
     if temperature == 0:
         return int(logits.argmax())
     logits = logits / temperature
