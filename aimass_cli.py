@@ -22,7 +22,60 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for ep in sorted(entry_points(group="aimass.commands"), key=lambda e: e.name):
         ep.load()(subparsers)
+    _register_generate(subparsers)
     return parser
+
+
+def _register_generate(subparsers) -> None:
+    # `generate` spans packages (a checkpoint runs in the trainer, a model package in its
+    # compiled runtime), so it lives here, the one place allowed to import them all.
+    from trainer.cli import add_generate_arguments
+
+    p = subparsers.add_parser(
+        "generate", help="generate text from a checkpoint, run or model package"
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a checkpoint or run folder, a model package, or a bundled model name",
+    )
+    p.add_argument(
+        "--target", help="package target to run (default: the fastest this machine can run)"
+    )
+    add_generate_arguments(p)
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from exporters.package import is_package
+    from trainer import cli as trainer_cli
+
+    if not is_package(args.model):
+        if args.target:
+            return trainer_cli._fail("--target applies to model packages only")
+        return trainer_cli.generate_from_checkpoint(args)
+    from exporters.errors import ExportError
+    from exporters.package import stream_from_package
+    from trainer.errors import TrainerError
+    from trainer.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.load(args.model)
+        tokens = stream_from_package(
+            args.model,
+            tokenizer.encode(trainer_cli.prompt_text(tokenizer, args)),
+            args.max_tokens,
+            target=args.target,
+            stop_ids=tokenizer.stop_ids,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        trainer_cli.print_stream(tokenizer, tokens)
+    except (ExportError, TrainerError) as e:
+        return trainer_cli._fail(str(e))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

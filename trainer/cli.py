@@ -54,23 +54,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder to create")
     p.set_defaults(func=_import)
 
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint or run")
-    p.add_argument(
-        "model",
-        metavar="CKPT_OR_RUN",
-        help="a checkpoint folder, a run folder or a bundled model name",
-    )
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument(
-        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
-    )
-    p.set_defaults(func=_generate)
-
 
 def aimass_home() -> Path:
     return Path(os.environ.get("AIMASS_HOME") or Path.home() / ".aimass")
@@ -182,27 +165,51 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+
+
+def prompt_text(tokenizer, args: argparse.Namespace) -> str:
+    if args.chat:
+        return tokenizer.render_chat([{"role": "user", "content": args.prompt}], True)
+    return args.prompt
+
+
+def print_stream(tokenizer, tokens) -> None:
+    """Writes tokens to stdout as they come, never half a UTF-8 character."""
+    from trainer.generate import TextStream
+
+    text = TextStream(tokenizer)
+    for token in tokens:
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
+
+
+def generate_from_checkpoint(args: argparse.Namespace) -> int:
+    """`aimass generate CKPT_OR_RUN`: eager PyTorch sampling (the reference for every engine)."""
     import torch
 
     from trainer.checkpoint import load_model
     from trainer.errors import TrainerError
-    from trainer.generate import TextStream, stream_tokens
+    from trainer.generate import stream_tokens
 
+    if args.max_tokens < 1:
+        return _fail(f"--max-tokens={args.max_tokens} must be >= 1")
     try:
         model, tokenizer, _ = load_model(resolve_model(args.model))
-        prompt = (
-            tokenizer.render_chat([{"role": "user", "content": args.prompt}], True)
-            if args.chat
-            else args.prompt
-        )
-        if args.max_tokens < 1:
-            return _fail(f"--max-tokens={args.max_tokens} must be >= 1")
         torch.set_grad_enabled(False)
-        text = TextStream(tokenizer)
         tokens = stream_tokens(
             model,
-            tokenizer.encode(prompt),
+            tokenizer.encode(prompt_text(tokenizer, args)),
             args.max_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -210,10 +217,7 @@ def _generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop_ids=tokenizer.stop_ids,
         )
-        for token in tokens:
-            sys.stdout.write(text.push(token))
-            sys.stdout.flush()
-        sys.stdout.write(text.flush() + "\n")
+        print_stream(tokenizer, tokens)
     except TrainerError as e:
         return _fail(str(e))
     return 0

@@ -1,0 +1,229 @@
+"""The export targets: what each one is (flavour, runtime, dtype, quantization, exactness) and
+how its artifact is built and run. A target's properties come from TARGETS, never from parsing
+its name; builders are keyed by flavour and decoders by runtime.
+
+    flavour   built by                                      run (parity) by
+    ort       onnx_ort.build_ort_graph (+ quantize) → save  runner.OrtDecoder
+    portable  portable.build_portable_graph → save          runner.OrtDecoder
+    tensorrt  portable graph → tensorrt.build_engine        tensorrt.TrtDecoder
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporters.errors import ExportError
+from exporters.parity import Decoder
+from registry.manifest import Artifact, Quantization, file_entry
+
+GRAPH_VERSION_KEY = "aimass.graph_version"  # metadata_props: the graph contract version
+QUANT_BLOCK_SIZE = 32  # weights per scale: finer blocks keep int4 within the perplexity limit
+QUANT_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: fastest on CPUs
+TRT_MAX_BATCH = 16  # rows a TensorRT plan's profiles accept: its shapes are fixed at build time
+TRT_PRECISIONS = {"float16": "fp16", "float32": "fp32"}  # target dtype → plan precision
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    flavour: str  # "ort" (contrib ops) | "portable" (standard ops) | "tensorrt" (a plan)
+    runtime: str  # what runs it: "onnxruntime" | "tensorrt"
+    dtype: str  # activations and unquantized weights
+    bits: int | None  # weight-only quantization, None = full precision
+    exact: bool  # greedy decoding must match eager PyTorch token for token
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "onnx-fp32": TargetSpec("ort", "onnxruntime", "float32", None, True),
+    "onnx-int4": TargetSpec("ort", "onnxruntime", "float32", 4, False),
+    "onnx-int8": TargetSpec("ort", "onnxruntime", "float32", 8, False),
+    "onnx-portable-fp32": TargetSpec("portable", "onnxruntime", "float32", None, True),
+    "trt-fp16": TargetSpec("tensorrt", "tensorrt", "float16", None, False),
+}
+
+
+def parse_targets(targets: Sequence[str]) -> dict[str, TargetSpec]:
+    """Checks the requested targets (before any work); raises ExportError listing the known ones."""
+    names = list(dict.fromkeys(t.strip() for t in targets if t.strip()))
+    known = ", ".join(TARGETS)
+    if not names:
+        raise ExportError(f"no target given; known targets: {known}")
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown:
+        raise ExportError(f"unknown target {', '.join(map(repr, unknown))}; known targets: {known}")
+    return {t: TARGETS[t] for t in names}
+
+
+def check_runtimes(specs: dict[str, TargetSpec]) -> None:
+    # a missing runtime is an error before any work, never a silently skipped target
+    for target, spec in specs.items():
+        if spec.runtime != "tensorrt":
+            continue
+        if importlib.util.find_spec("tensorrt") is None:
+            raise ExportError(
+                f"{target} needs the TensorRT Python package `tensorrt` (pip install tensorrt) "
+                "and an NVIDIA GPU; it is not installed"
+            )
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError(f"{target} needs an NVIDIA GPU (CUDA); torch sees none here")
+
+
+# --- building artifacts -----------------------------------------------------------------------
+
+
+@dataclass
+class Build:
+    model: Any  # trainer.model.Transformer
+    max_len: int
+    root: Path  # the staging folder
+    graphs: dict[tuple[str, str], Any] = field(default_factory=dict)  # onnx.ModelProto by key
+
+    def graph(self, flavour: str, dtype: str = "float32"):
+        """The graph of a flavour and dtype, built once and shared by its quantized variants."""
+        key = (flavour, dtype)
+        if key not in self.graphs:
+            if flavour == "ort":
+                from exporters.onnx_ort import build_ort_graph
+
+                if dtype != "float32":
+                    raise ExportError(f"the ONNX Runtime flavour is float32 only, not {dtype}")
+                self.graphs[key] = build_ort_graph(self.model, self.max_len)
+            else:
+                from exporters.portable import build_portable_graph
+
+                self.graphs[key] = build_portable_graph(self.model, self.max_len, dtype=dtype)
+        return self.graphs[key]
+
+
+def build_artifact(build: Build, target: str, spec: TargetSpec) -> Artifact:
+    folder = build.root / target
+    folder.mkdir()
+    fields = BUILDERS[spec.flavour](build, spec, folder)
+    files = [file_entry(build.root, p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    return Artifact(
+        target=target,
+        flavour=spec.flavour,
+        runtime=spec.runtime,
+        dtype=spec.dtype,
+        files=files,
+        max_len=build.max_len,
+        **fields,
+    )
+
+
+def _build_onnx(build: Build, spec: TargetSpec, folder: Path) -> dict:
+    from exporters import onnx_ort
+
+    # quantize and save leave their input intact, so the cached fp32 graph serves every target
+    proto = build.graph(spec.flavour)
+    quantization = None
+    if spec.bits is not None:
+        proto = onnx_ort.quantize(
+            proto, bits=spec.bits, block_size=QUANT_BLOCK_SIZE, accuracy_level=QUANT_ACCURACY_LEVEL
+        )
+        quantization = _quantization_of(proto, spec.bits)
+    onnx_ort.save(proto, folder / "model.onnx")
+    return {
+        "entry": f"{folder.name}/model.onnx",
+        "quantization": quantization,
+        "graph_version": _graph_version(proto),
+    }
+
+
+def _build_trt(build: Build, spec: TargetSpec, folder: Path) -> dict:
+    from exporters import onnx_ort, tensorrt
+
+    scratch = build.root / f".{folder.name}.onnx"  # the portable graph TensorRT parses
+    scratch.mkdir()
+    proto = build.graph("portable", spec.dtype)  # TensorRT takes precision from the graph
+    onnx_ort.save(proto, scratch / "model.onnx")
+    info = tensorrt.build_engine(
+        scratch / "model.onnx",
+        folder / "model.plan",
+        max_batch=TRT_MAX_BATCH,
+        max_len=build.max_len,
+        precision=TRT_PRECISIONS[spec.dtype],
+    )
+    shutil.rmtree(scratch)
+    return {
+        "entry": f"{folder.name}/model.plan",
+        "graph_version": _graph_version(proto),
+        "trt_version": info["trt_version"],
+        "gpu_arch": info["gpu_arch"],
+        "precision": info["precision"],
+        "profiles": info["profiles"],
+        "max_batch": info.get("max_batch", TRT_MAX_BATCH),
+    }
+
+
+BUILDERS: dict[str, Callable[[Build, TargetSpec, Path], dict]] = {
+    "ort": _build_onnx,
+    "portable": _build_onnx,
+    "tensorrt": _build_trt,
+}
+
+
+def ort_decoder(path: Path, max_len: int, threads: int | None) -> Decoder:
+    from exporters.runner import OrtDecoder
+
+    return _WithStepLogits(OrtDecoder(path, max_batch=1, max_len=max_len, threads=threads))
+
+
+class _WithStepLogits:
+    """OrtDecoder plus the `logits` method of parity's Decoder protocol, from its public
+    forward/decode: the prompt in one prefill returning every position, then one decode step
+    per token, as the engine runs them."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.greedy, self.score = decoder.greedy, decoder.score
+        self.prefill, self.decode = decoder.prefill, decoder.decode
+
+    def logits(self, prompt_ids, decode_ids=()):
+        import numpy as np
+
+        d, T = self.decoder, len(prompt_ids)
+        d.reset()
+        rows = [
+            d.forward(np.asarray([prompt_ids]), np.arange(T)[None], np.array([T - 1]), np.arange(T))
+        ]
+        rows += [d.decode([t]) for t in decode_ids]
+        return np.concatenate(rows)  # (T + len(decode_ids), V)
+
+
+def _trt_decoder(path: Path, max_len: int, threads: int | None) -> Decoder:
+    from exporters.tensorrt import TrtDecoder
+
+    return TrtDecoder(path, max_batch=1, max_len=max_len)
+
+
+DECODERS: dict[str, Callable[[Path, int, int | None], Decoder]] = {
+    "onnxruntime": ort_decoder,
+    "tensorrt": _trt_decoder,
+}
+
+
+def _quantization_of(proto, bits: int) -> Quantization:
+    """What the quantizer did, read from the graph (MatMulNBits attributes), not assumed."""
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        raise ExportError(f"the int{bits} graph holds no MatMulNBits node: nothing was quantized")
+    attrs = {a.name: a.i for a in nodes[0].attribute}
+    return Quantization(
+        method="MatMulNBits",
+        bits=attrs.get("bits", bits),
+        block_size=attrs.get("block_size", QUANT_BLOCK_SIZE),
+        symmetric=all(len(n.input) < 4 or not n.input[3] for n in nodes),
+        accuracy_level=attrs.get("accuracy_level", 0),
+    )
+
+
+def _graph_version(proto) -> int:
+    props = {p.key: p.value for p in proto.metadata_props}
+    return int(props.get(GRAPH_VERSION_KEY, 1))

@@ -1,0 +1,83 @@
+"""Garbage collection: versions nobody can reach, then the blobs only they used.
+
+A version is kept while it is younger than the retention, or an alias points to it now or has
+pointed to it within its last HISTORY_KEEP moves (rollback's targets). A blob is kept while a
+remaining version lists it, a push in progress names it (models/*/uploads/), or it is younger
+than the retention (a push may be uploading it). What interrupted pushes left (upload records,
+temporary files, S3 multipart uploads) goes once past the retention.
+
+Races with a concurrent promote or push are narrowed, not excluded by a lock: aliases are read
+again just before each version is deleted, blobs are listed before the versions that reference
+them, and a push checks its blobs again once its version is written (re-uploading any gc took).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from registry.errors import NotFound
+from registry.manifest import decode
+from registry.registry import GcReport, Registry, version_key
+
+
+def collect(
+    reg: Registry, older_than: timedelta, *, dry_run: bool = False, now: datetime | None = None
+) -> GcReport:
+    cutoff = (now or datetime.now(UTC)) - older_than
+    report, doomed = GcReport(), set()
+    blobs = list(reg.store.list("blobs/sha256/"))  # listed first: later uploads are kept
+    for name in reg.models():
+        for v in reg.versions(name):
+            if v.pushed_at >= cutoff or v.version in _protected(reg, name):
+                continue  # aliases are read again per version: they may move meanwhile
+            report.versions.append(f"{name}:{v.version}")
+            doomed.add(version_key(name, v.version))
+            if not dry_run:
+                reg.store.delete(version_key(name, v.version))
+                reg._event("gc", name, version=v.version, detail="unaliased, past retention")
+    referenced = _referenced(reg, cutoff, doomed, dry_run, report)
+    for info in blobs:
+        sha = info.key.rsplit("/", 1)[-1]
+        if sha not in referenced and info.modified < cutoff:
+            report.blobs.append(sha)
+            if not dry_run:
+                reg.store.delete(info.key)
+    if not dry_run:
+        report.other += reg.store.cleanup(cutoff)
+    return report
+
+
+def _protected(reg: Registry, name: str) -> set[int]:
+    return {v for r in reg.aliases(name).values() for v in (r.version, *r.history)}
+
+
+def _referenced(
+    reg: Registry, cutoff: datetime, doomed: set[str], dry_run: bool, report: GcReport
+) -> set[str]:
+    keys, referenced = [], set()
+    for name in reg.models():
+        keys += [version_key(name, v.version) for v in reg.versions(name)]
+        for info in reg.store.list(f"models/{name}/uploads/"):
+            if info.modified < cutoff:  # a push that died: its blobs are orphans now
+                report.other.append(info.key)
+                if not dry_run:
+                    reg.store.delete(info.key)
+                continue
+            with contextlib.suppress(NotFound):
+                referenced.update(msgspec.json.decode(reg.store.get(info.key)[0])["blobs"])
+    with ThreadPoolExecutor(8) as pool:
+        for data in pool.map(lambda k: _get_or_none(reg, k), [k for k in keys if k not in doomed]):
+            if data is not None:
+                referenced.update(e.sha256 for e in decode(data).files())
+    return referenced
+
+
+def _get_or_none(reg: Registry, key: str) -> bytes | None:
+    try:
+        return reg.store.get(key)[0]
+    except NotFound:
+        return None
