@@ -5,7 +5,7 @@ than traced: ORT's fused contrib ops (domain com.microsoft) replace whole subgra
 exporter would otherwise emit and ORT would have to pattern-match back together.
 
 Graph contract (fp32; B batch, S new tokens, N logits wanted, L layers, K kv heads, hd head dim,
-M max_len, V vocabulary):
+M the KV buffers' length, chosen by the runner (<= max_len), V vocabulary):
 
     +---------------------------+---------+-----------------+----------------------------------+
     | input                     | dtype   | shape           | meaning                          |
@@ -26,6 +26,9 @@ M max_len, V vocabulary):
     |                           |         |                 | each present to its past OrtValue|
     +---------------------------+---------+-----------------+----------------------------------+
 
+metadata_props: aimass.model_config (ModelConfig JSON), aimass.max_len (positions < max_len:
+the rotary tables' length), aimass.graph_flavour ("ort"), aimass.dtype ("float32").
+
 What GroupQueryAttention (ORT 1.32, CPU) accepts under this contract, proven in
 tests/exporters/test_onnx_ort.py. The kernel tells the phases apart by S and
 total_sequence_length:
@@ -39,9 +42,11 @@ total_sequence_length:
                    (ORT raises for B > 1; its newer optional `query_seqlens` input
                    lifts that, but is not part of this contract.)
 
-Rotary embeddings run inside GroupQueryAttention (do_rotary with cos/sin caches of M rows), fed
-the explicit position_ids. Positions must be < M. Padding positions (beyond a row's length) are
-computed and ignored: their logits are never selected through logits_idx.
+Positions: rotary runs inside GroupQueryAttention (do_rotary, cos/sin caches of max_len rows) and
+follows position_ids, which must be consecutive within a row. In a first prompt the kernel reads
+position_ids[0, 0] only and numbers every row from it, so batched first prompts all start at the
+same position (0 in practice). Padding tokens are computed and ignored: their logits are never
+selected, and the cache slots they fill lie past the row's length, rewritten before being read.
 
 Layer layout (per block; the residual add is fused into the next norm):
 
@@ -49,6 +54,12 @@ Layer layout (per block; the residual add is fused into the next norm):
     │                                                                        │
     └──────────────── SkipSimplifiedLayerNorm (residual sum out) ◄──────────┘
           ─ MatMul(gate|up) ─ Split ─ g*Sigmoid(g)*u ─ MatMul(down) ─ Skip... (next block)
+
+Measured choices (SmolLM2-135M, 2 cores, decode at context 256, blocks alternated between
+processes): rotary inside GQA is 3% faster per decode step than two RotaryEmbedding ops before
+it, and exact to 1e-7 where RotaryEmbedding gives 5e-6; the fused gate|up MatMul + Split and two
+separate MatMuls are equal within noise (kept: fewer nodes); feeding position_ids to GQA costs
+nothing measurable against letting it infer positions from seqlens_k.
 
 `quantize` turns the projection and lm_head MatMuls into MatMulNBits (int4 or int8, blockwise,
 symmetric RTN); the embedding Gather stays fp32. `save` always writes the weights to a
@@ -60,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -70,34 +82,39 @@ from onnx import TensorProto, helper, numpy_helper
 from trainer.config import ModelConfig
 from trainer.model import Transformer, rope_cos_sin
 
-CONFIG_KEY = "aimass.model_config"  # metadata_props: the ModelConfig as JSON
-MAX_LEN_KEY = "aimass.max_len"  # metadata_props: M, the KV buffers' sequence capacity
+# metadata_props, the same keys as the portable flavour's
+CONFIG_KEY = "aimass.model_config"  # the ModelConfig as JSON
+MAX_LEN_KEY = "aimass.max_len"  # positions < max_len (the rotary tables' length)
+FLAVOUR = "ort"
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 
 
 class _Graph:
-    """Accumulates nodes and initializers; names are unique by construction."""
+    """Accumulates nodes, initializers and the graph's inputs and outputs."""
 
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs):
+    def op(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> str:
         domain = MS_DOMAIN if op_type in _CONTRIB_OPS else ""
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs)
-        )
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name, domain=domain, **attrs))
         return outputs[0]
+
+    def io(self, kind: str, name: str, dtype: int, shape: list) -> None:
+        target = self.inputs if kind == "input" else self.outputs
+        target.append(helper.make_tensor_value_info(name, dtype, shape))
 
 
 # SimplifiedLayerNormalization is registered by ORT in the default ONNX domain, not com.microsoft
-_CONTRIB_OPS = {"SkipSimplifiedLayerNormalization"}
-_CONTRIB_OPS |= {"GroupQueryAttention", "MatMulNBits"}
+_CONTRIB_OPS = {"SkipSimplifiedLayerNormalization", "GroupQueryAttention", "MatMulNBits"}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -110,97 +127,107 @@ def _linear_t(*layers: torch.nn.Linear) -> np.ndarray:
 
 
 def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
-    """The fp32 engine graph of `model` with KV buffers of `max_len` positions (see the module
-    docstring for the contract)."""
+    """The fp32 engine graph of `model`, for positions < `max_len` (see the module docstring)."""
     cfg = model.cfg
-    if not 1 <= max_len:
+    if max_len < 1:
         raise ValueError(f"max_len={max_len} must be >= 1")
     g = _Graph()
-    D, hd, K = cfg.dim, cfg.head_dim, cfg.n_kv_heads
-    eps = float(cfg.norm_eps)
+    g.io("input", "input_ids", TensorProto.INT64, ["B", "S"])
+    g.io("input", "position_ids", TensorProto.INT64, ["B", "S"])
+    g.io("input", "seqlens_k", TensorProto.INT32, ["B"])
+    g.io("input", "total_sequence_length", TensorProto.INT32, [])
+    g.io("input", "logits_idx", TensorProto.INT64, ["N"])
+    g.io("output", "logits", TensorProto.FLOAT, ["N", cfg.vocab_size])
 
-    # rotary tables computed exactly as trainer.model does (fp32), half width as GQA wants
-    cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)  # (M, hd)
-    g.weight("cos_cache", _np(cos[:, : hd // 2]))
-    g.weight("sin_cache", _np(sin[:, : hd // 2]))
-
+    # rotary tables computed exactly as trainer.model does (fp32), the half width GQA wants
+    cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta)  # (M, hd)
+    g.weight("cos_cache", _np(cos[:, : cfg.head_dim // 2]))
+    g.weight("sin_cache", _np(sin[:, : cfg.head_dim // 2]))
     g.weight("embed_tokens.weight", _np(model.embed_tokens.weight))
     x = g.op("Gather", ["embed_tokens.weight", "input_ids"], ["embeds"], "embed")  # (B, S, D)
 
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_idx", TensorProto.INT64, ["N"]),
-    ]
-    # the KV length is symbolic: a runner may allocate fewer than max_len positions (the rotary
-    # tables, sized max_len, bound the positions instead)
-    kv_shape = ["B", K, "M", hd]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", cfg.vocab_size])]
-
-    residual = x
+    # residual adds are fused into the next norm: block i's MLP output and the running sum
+    # enter block i+1's SkipSimplifiedLayerNormalization, which returns both norm and new sum
+    residual, pending = x, None
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        # ── attention ──
-        w_in = g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight))
-        if i == 0:
-            h = g.op("SimplifiedLayerNormalization", [x, w_in], [f"{p}.ln1"], f"{p}.ln1", epsilon=eps)
+        w = g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight))
+        if pending is None:
+            eps = cfg.norm_eps
+            h = g.op("SimplifiedLayerNormalization", [x, w], [f"{p}.ln1"], f"{p}.ln1", epsilon=eps)
         else:
-            h, residual = _skip_norm(g, mlp_out, residual, w_in, f"{p}.ln1", eps)
-        w_qkv = g.weight(f"{p}.qkv_proj.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
-        qkv = g.op("MatMul", [h, w_qkv], [f"{p}.qkv"], f"{p}.qkv_proj")  # (B, S, (H+2K)*hd)
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
-            outputs.append(
-                helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, kv_shape)
-            )
-        y = g.op(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k",
-             "total_sequence_length", "cos_cache", "sin_cache", "position_ids"],
-            [f"{p}.attn", f"present_key_{i}", f"present_value_{i}"],
-            f"{p}.attn",
-            num_heads=cfg.n_heads,
-            kv_num_heads=K,
-            do_rotary=1,
-            rotary_interleaved=0,
-        )  # (B, S, H*hd)
-        w_o = g.weight(f"{p}.o_proj.weight", _linear_t(attn.o_proj))
-        attn_out = g.op("MatMul", [y, w_o], [f"{p}.attn_out"], f"{p}.o_proj")  # (B, S, D)
-        # ── feed-forward (SwiGLU) ──
-        w_post = g.weight(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight))
-        h, residual = _skip_norm(g, attn_out, residual, w_post, f"{p}.ln2", eps)
-        w_gu = g.weight(f"{p}.gate_up_proj.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
-        gu = g.op("MatMul", [h, w_gu], [f"{p}.gate_up"], f"{p}.gate_up_proj")  # (B, S, 2F)
-        g.op("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}.split", axis=-1, num_outputs=2)
-        g.op("Sigmoid", [f"{p}.gate"], [f"{p}.sig"], f"{p}.sigmoid")
-        g.op("Mul", [f"{p}.gate", f"{p}.sig"], [f"{p}.silu"], f"{p}.silu")
-        g.op("Mul", [f"{p}.silu", f"{p}.up"], [f"{p}.swiglu"], f"{p}.swiglu")
-        w_down = g.weight(f"{p}.down_proj.weight", _linear_t(mlp.down_proj))
-        mlp_out = g.op("MatMul", [f"{p}.swiglu", w_down], [f"{p}.mlp_out"], f"{p}.down_proj")
+            h, residual = _skip_norm(g, pending, residual, w, f"{p}.ln1", cfg.norm_eps)
+        attn_out = _attention(g, layer.self_attn, h, i, cfg)
+        w = g.weight(
+            f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)
+        )
+        h, residual = _skip_norm(g, attn_out, residual, w, f"{p}.ln2", cfg.norm_eps)
+        pending = _mlp(g, layer.mlp, h, p)
 
-    w_norm = g.weight("norm.weight", _np(model.norm.weight))
-    h, _ = _skip_norm(g, mlp_out, residual, w_norm, "norm", eps, want_sum=False)
+    w = g.weight("norm.weight", _np(model.norm.weight))
+    h, _ = _skip_norm(g, pending, residual, w, "norm", cfg.norm_eps, want_sum=False)
     # only the asked-for tokens reach the lm_head: a 512-token prefill computes one row of logits
-    g.weight("hidden_2d_shape", np.array([-1, D], dtype=np.int64))
+    g.weight("hidden_2d_shape", np.array([-1, cfg.dim], dtype=np.int64))
     flat = g.op("Reshape", [h, "hidden_2d_shape"], ["hidden_flat"], "flatten")  # (B*S, D)
     picked = g.op("Gather", [flat, "logits_idx"], ["hidden_picked"], "pick", axis=0)  # (N, D)
-    w_head = g.weight("lm_head.weight", _linear_t(model.lm_head))  # (D, V), a copy when tied
-    g.op("MatMul", [picked, w_head], ["logits"], "lm_head")  # (N, V)
+    w = g.weight("lm_head.weight", _linear_t(model.lm_head))  # (D, V): a copy when tied
+    g.op("MatMul", [picked, w], ["logits"], "lm_head")  # (N, V)
 
-    graph = helper.make_graph(g.nodes, "aimass-ort", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, "aimass-ort", g.inputs, g.outputs, g.inits)
     proto = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="aimass.exporters.onnx_ort",
     )
-    proto.ir_version = 10
-    helper.set_model_props(
-        proto, {CONFIG_KEY: json.dumps(dataclasses.asdict(cfg)), MAX_LEN_KEY: str(max_len)}
-    )
+    proto.ir_version = 10  # ORT 1.20+ reads IR 10; onnx's default may be newer than ORT
+    meta = {
+        CONFIG_KEY: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+        MAX_LEN_KEY: str(max_len),
+        "aimass.graph_flavour": FLAVOUR,
+        "aimass.dtype": "float32",
+    }
+    helper.set_model_props(proto, meta)
     return proto
+
+
+def _attention(g: _Graph, attn, h: str, i: int, cfg: ModelConfig) -> str:
+    """One fused q|k|v MatMul, GroupQueryAttention (rotary inside, KV appended in place), o."""
+    p = f"layers.{i}"
+    # the KV length is symbolic: a runner may allocate fewer positions than the rotary tables
+    # hold (max_len), e.g. to serve short contexts in less memory
+    kv_shape = ["B", cfg.n_kv_heads, "M", cfg.head_dim]
+    for kind in ("key", "value"):
+        g.io("input", f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape)
+        g.io("output", f"present_{kind}_{i}", TensorProto.FLOAT, kv_shape)
+    w = g.weight(f"{p}.qkv_proj.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
+    qkv = g.op("MatMul", [h, w], [f"{p}.qkv"], f"{p}.qkv_proj")  # (B, S, (H + 2K) * hd)
+    gqa_inputs = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k"]
+    gqa_inputs += ["total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
+    y = g.op(
+        "GroupQueryAttention",
+        gqa_inputs,
+        [f"{p}.attn", f"present_key_{i}", f"present_value_{i}"],
+        f"{p}.attn",
+        num_heads=cfg.n_heads,
+        kv_num_heads=cfg.n_kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,  # "rotate half", as trainer.model and HF LLaMA
+    )  # (B, S, H * hd)
+    w = g.weight(f"{p}.o_proj.weight", _linear_t(attn.o_proj))
+    return g.op("MatMul", [y, w], [f"{p}.attn_out"], f"{p}.o_proj")  # (B, S, D)
+
+
+def _mlp(g: _Graph, mlp, h: str, p: str) -> str:
+    """SwiGLU: one fused gate|up MatMul, silu(gate) * up, down. ORT fuses x * Sigmoid(x) into
+    its QuickGelu kernel (alpha 1)."""
+    w = g.weight(f"{p}.gate_up_proj.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
+    gu = g.op("MatMul", [h, w], [f"{p}.gate_up"], f"{p}.gate_up_proj")  # (B, S, 2F)
+    g.op("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}.split", axis=-1, num_outputs=2)
+    g.op("Sigmoid", [f"{p}.gate"], [f"{p}.sig"], f"{p}.sigmoid")
+    g.op("Mul", [f"{p}.gate", f"{p}.sig"], [f"{p}.silu"], f"{p}.silu")
+    g.op("Mul", [f"{p}.silu", f"{p}.up"], [f"{p}.swiglu"], f"{p}.swiglu")  # (B, S, F)
+    w = g.weight(f"{p}.down_proj.weight", _linear_t(mlp.down_proj))
+    return g.op("MatMul", [f"{p}.swiglu", w], [f"{p}.mlp_out"], f"{p}.down_proj")  # (B, S, D)
 
 
 def _skip_norm(g: _Graph, x: str, residual: str, weight: str, name: str, eps: float, want_sum=True):
@@ -230,9 +257,20 @@ def quantize(
     ceil(K / block_size)) and the padded weights contribute nothing. accuracy_level 4 lets the
     CPU kernel quantize activations to int8 per block, its fastest path. The input is not
     modified (the quantizer edits a copy).
+
+    Quality on SmolLM2-135M (512 tokens of the demo corpus; perplexity, top-1 agreement with
+    fp32): fp32 16.48; int8 16.56, 95%; int4 20.63, 67% (onnxruntime-genai's int4, which also
+    quantizes the embedding: 20.88). Block 16 gives int4 19.29, an int8 lm_head 19.87; ORT's HQQ
+    gives 17.5 but its float zero points run 25x slower on the CPU kernel.
     """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # the module calls logging.basicConfig(level=INFO) on import and logs every node at INFO
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
     if bits not in (4, 8):
         raise ValueError(f"bits={bits} must be 4 or 8")
     if block_size < 16 or block_size & (block_size - 1):
@@ -261,4 +299,5 @@ def save(proto: onnx.ModelProto, path: str | Path) -> list[Path]:
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)  # onnx.save moves the weights out of the proto it is given
     onnx.save_model(copy, path, save_as_external_data=True, location=data.name, size_threshold=1024)
+    data.chmod(path.stat().st_mode & 0o777)  # onnx creates the data file 0600, unlike the graph
     return [path, data]

@@ -24,10 +24,14 @@ import onnxruntime as ort
 from exporters.onnx_ort import read_config
 
 _DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 SCORE_CHUNK = 128  # tokens per scoring call: bounds the [chunk, V] logits held at once
 
 
 class OrtDecoder:
+    """Runs either flavour of the engine graph (ORT contrib ops, or the portable one) on ONNX
+    Runtime; the cache dtype and capacity come from the graph's past_key_0 input."""
+
     def __init__(
         self,
         path: str | Path,
@@ -38,7 +42,7 @@ class OrtDecoder:
     ):
         self.cfg, graph_len = read_config(path)
         if not 1 <= max_len <= graph_len:
-            raise ValueError(f"max_len={max_len} must be in 1..{graph_len} (the graph's rotary table)")
+            raise ValueError(f"max_len={max_len} must be in 1..{graph_len}, the graph's max_len")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         self.max_batch, self.max_len = max_batch, max_len
@@ -48,16 +52,23 @@ class OrtDecoder:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=[provider])
         self.device = _DEVICE.get(provider, "cpu")
+
         cfg = self.cfg
-        self._row_shape = (cfg.n_kv_heads, max_len, cfg.head_dim)
-        self._row_bytes = int(np.prod(self._row_shape)) * 4  # fp32
+        past = next(i for i in self.session.get_inputs() if i.name == "past_key_0")
+        self.kv_dtype = _DTYPES[past.type]
+        # a symbolic cache length (ORT flavour) takes max_len; a fixed one (portable) is kept
+        capacity = past.shape[2] if isinstance(past.shape[2], int) else max_len
+        self._row_shape = (cfg.n_kv_heads, capacity, cfg.head_dim)
+        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
         # allocated once and zeroed once: the pages are touched at load rather than in the first
         # decode steps, and a bug that read past a row's length would read zeros, not garbage
-        zeros = np.zeros((max_batch, *self._row_shape), dtype=np.float32)
+        zeros = np.zeros((max_batch, *self._row_shape), dtype=self.kv_dtype)
         self.kv: dict[str, ort.OrtValue] = {}
         for i in range(cfg.n_layers):
             for kind in ("key", "value"):
-                value = ort.OrtValue.ortvalue_from_shape_and_type(zeros.shape, np.float32, self.device, 0)
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    zeros.shape, self.kv_dtype, self.device, 0
+                )
                 value.update_inplace(zeros)
                 self.kv[f"{kind}_{i}"] = value
         self.binding = self.session.io_binding()
@@ -87,10 +98,12 @@ class OrtDecoder:
         B, S = input_ids.shape
         rows = range(B) if rows is None else rows
         if len(rows) != B or rows.step != 1 or rows.start < 0 or rows.stop > self.max_batch:
-            raise ValueError(f"rows={rows} must be a contiguous range of {B} slots in 0..{self.max_batch - 1}")
+            raise ValueError(
+                f"rows={rows} must be a contiguous range of {B} slots in 0..{self.max_batch - 1}"
+            )
         seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
         total = int(seqlens_k.max()) + 1
-        if total > self.max_len or S > total:
+        if not S <= total <= self.max_len:
             raise ValueError(f"total length {total} must be in S={S}..max_len={self.max_len}")
         b = self.binding
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -103,8 +116,8 @@ class OrtDecoder:
             offset = rows.start * self._row_bytes
             for name, value in self.kv.items():
                 ptr = value.data_ptr() + offset
-                b.bind_input(f"past_{name}", self.device, 0, np.float32, shape, ptr)
-                b.bind_output(f"present_{name}", self.device, 0, np.float32, shape, ptr)
+                b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
+                b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
             self._bound_rows = (rows.start, B)
         N = len(logits_idx)
         if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
@@ -138,7 +151,9 @@ class OrtDecoder:
         ids = np.asarray(tokens, dtype=np.int64)[:, None]
         return self.forward(ids, pos[:, None], pos, np.arange(B))
 
-    def greedy(self, prompt_ids: list[int], max_tokens: int, stop_ids: Iterable[int] = ()) -> list[int]:
+    def greedy(
+        self, prompt_ids: list[int], max_tokens: int, stop_ids: Iterable[int] = ()
+    ) -> list[int]:
         """Greedy continuation of one prompt (slot 0); stops at a stop id (not returned)."""
         return self.greedy_batch([prompt_ids], max_tokens, stop_ids)[0]
 
@@ -174,6 +189,8 @@ class OrtDecoder:
         is scored in windows of max_len tokens that overlap by one (the window's first token is
         context only), so each token sees at most max_len - 1 tokens of context.
         """
+        if self.max_len < 2:
+            raise ValueError(f"scoring needs max_len >= 2, not {self.max_len}")
         ids = np.asarray(token_ids, dtype=np.int64)
         out = np.empty(max(len(ids) - 1, 0), dtype=np.float64)
         start = 0

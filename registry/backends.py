@@ -23,7 +23,9 @@ import fcntl
 import hashlib
 import os
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,19 +81,48 @@ class Store(Protocol):
         """Removes what interrupted writes left behind before `before`; returns what it removed."""
 
 
+class BackgroundHash:
+    """sha256 computed on a thread while the caller reads, writes or sends the next chunk
+    (hashlib releases the GIL); chunks are hashed in the order given, at most two behind."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: deque[Future] = deque()
+
+    def update(self, data: bytes) -> None:
+        self._pending.append(self._pool.submit(self._h.update, data))
+        while len(self._pending) > 2:  # bounds the chunks held in memory
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        """Stops the thread without waiting (a caller that gave up halfway)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def verified_chunks(src: Path, sha256: str, size: int, chunk: int = CHUNK) -> Iterator[bytes]:
     """`src` in chunks, hashed on the way; raises IntegrityError after the last on a mismatch.
 
     One read serves both the upload and the check, so pushing costs no second pass."""
-    h, n = hashlib.sha256(), 0
-    with open(src, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-            n += len(data)
-            yield data
-    if n != size or h.hexdigest() != sha256:
+    h, n = BackgroundHash(), 0
+    try:
+        with open(src, "rb") as f:
+            while data := f.read(chunk):
+                h.update(data)
+                n += len(data)
+                yield data
+        digest = h.hexdigest()
+    finally:
+        h.close()
+    if n != size or digest != sha256:
         raise IntegrityError(
-            f"{src} does not match the manifest: {n} bytes with sha256 {h.hexdigest()[:12]}..., "
+            f"{src} does not match the manifest: {n} bytes with sha256 {digest[:12]}..., "
             f"listed as {size} bytes with sha256 {sha256[:12]}..."
         )
 

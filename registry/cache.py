@@ -23,7 +23,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from registry.backends import file_lock
+from registry.backends import BackgroundHash, file_lock
 from registry.errors import IntegrityError, RegistryError
 from registry.manifest import MANIFEST, Manifest, decode, path_problem, sha256_file
 from registry.names import Ref
@@ -96,16 +96,20 @@ def fetch_blob(registry: Registry, sha: str, size: int, cache: Path) -> Path:
 
 def _download(registry: Registry, sha: str, size: int, partial: Path, offset: int) -> str:
     """Appends the blob from `offset` to `partial`; returns the sha256 of the whole file."""
-    h = hashlib.sha256()
-    if offset:
-        with open(partial, "rb") as f:
-            while data := f.read(READ):
+    h = BackgroundHash()
+    try:
+        if offset:
+            with open(partial, "rb") as f:
+                while data := f.read(READ):
+                    h.update(data)
+        with open(partial, "ab") as f:
+            for data in registry.store.read_chunks(blob_key(sha), offset, size):
                 h.update(data)
-    with open(partial, "ab") as f:
-        for data in registry.store.read_chunks(blob_key(sha), offset, size):
-            h.update(data)
-            f.write(data)
-    return h.hexdigest() if partial.stat().st_size == size else ""
+                f.write(data)
+        digest = h.hexdigest()
+    finally:
+        h.close()
+    return digest if partial.stat().st_size == size else ""
 
 
 def _usable(package: Path, manifest: Manifest, cache: Path, verify: bool) -> bool:

@@ -21,7 +21,8 @@ import msgspec
 
 from registry.errors import NotFound
 from registry.manifest import decode
-from registry.registry import GcReport, Registry, version_key
+from registry.records import GcReport
+from registry.registry import Registry, version_key
 
 
 def collect(

@@ -41,9 +41,8 @@ class FileEntry(msgspec.Struct, kw_only=True):
 
 
 class ModelSpec(msgspec.Struct, kw_only=True):
-    architecture: (
-        str  # "llama": RMSNorm, rotary, SwiGLU, grouped-query attention (trainer/model.py)
-    )
+    # "llama": RMSNorm, rotary, SwiGLU, grouped-query attention (trainer/model.py)
+    architecture: str
     vocab_size: int
     dim: int  # width of the residual stream
     n_layers: int

@@ -25,7 +25,6 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,65 +43,10 @@ from registry.errors import (
 )
 from registry.manifest import MANIFEST, Manifest, ManifestError, decode, load, path_problem
 from registry.names import Ref, check_name, parse_ref
+from registry.records import AliasRecord, Event, GcReport, Move, PushResult, VersionInfo
 
 HISTORY_KEEP = 10  # earlier targets an alias remembers: rollback walks back, gc keeps them
 GATES_KEY = "config/gates.json"
-
-
-class AliasRecord(msgspec.Struct, kw_only=True):
-    version: int  # the version the alias points to
-    seq: int  # moves so far: every write differs, so an etag never comes back (no ABA)
-    updated_at: datetime
-    updated_by: str
-    history: list[int] = []  # earlier targets, oldest first; rollback returns to the last
-
-
-class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
-    id: str
-    at: datetime  # UTC
-    who: str  # AIMASS_USER, else the OS user
-    host: str
-    action: str  # push | alias | promote | rollback | gc
-    name: str
-    version: int | None = None  # pushed, deleted, or the alias's new target
-    alias: str | None = None
-    from_version: int | None = None  # the alias's target before the move
-    seq: int | None = None  # the alias record's seq after the move
-    forced: bool = False  # promote --force
-    gates: list[gates.GateResult] = []
-    detail: str = ""
-
-
-@dataclass
-class VersionInfo:
-    version: int
-    pushed_at: datetime
-
-
-@dataclass
-class PushResult:
-    name: str
-    version: int
-    uploaded_bytes: int  # bytes sent; files already in the registry are not sent again
-    reused_bytes: int
-    unlisted: list[str] = field(default_factory=list)  # files in the folder the manifest omits
-
-
-@dataclass
-class Move:
-    name: str
-    alias: str
-    from_version: int | None
-    version: int
-    changed: bool  # False: the alias already pointed there; nothing was written
-    gates: list[gates.GateResult] = field(default_factory=list)
-
-
-@dataclass
-class GcReport:
-    versions: list[str] = field(default_factory=list)  # "name:version" deleted
-    blobs: list[str] = field(default_factory=list)  # sha256 of blobs deleted
-    other: list[str] = field(default_factory=list)  # stale uploads, temporary files
 
 
 def default_user() -> str:
@@ -237,13 +181,15 @@ class Registry:
         self.store.put_new(intent, msgspec.json.encode({"blobs": sorted(blobs), "by": self.user}))
         try:
             uploaded = reused = 0
+            found = {}  # blobs already stored: a gc may delete them before the version exists
             for sha, (path, size) in blobs.items():
                 if self.store.upload_file(blob_key(sha), root / path, sha, size):
                     uploaded += size
                 else:
                     reused += size
+                    found[sha] = (path, size)
             version = self._allocate(name, data)
-            self._heal(root, blobs)
+            self._heal(root, found)
             detail = f"{len(blobs)} blobs, {uploaded} bytes uploaded, {reused} bytes already stored"
             self._event("push", name, version=version, detail=detail)
         finally:

@@ -82,3 +82,17 @@ def test_exit_codes_for_bad_input_and_corruption(cli, registry_uri, tmp_path):
     corrupt = cli("pull", "tiny:1", "--to", str(tmp_path / "out"))
     assert corrupt.returncode == 5 and "does not match its sha256" in corrupt.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_registry_from_the_environment_or_after_the_subcommand(tmp_path):
+    pkg = write_package(tmp_path / "pkg")
+    env = {"AIMASS_HOME": str(tmp_path / "home"), "AIMASS_REGISTRY": f"file://{tmp_path}/reg"}
+    assert _ok(run_cli("registry", "push", str(pkg), "--name", "tiny", env=env)).strip() == "1"
+    assert (tmp_path / "reg" / "models" / "tiny" / "versions").is_dir()
+    other = str(tmp_path / "other")
+    assert _ok(run_cli("registry", "push", str(pkg), "--name", "x", "--registry", other, env=env))
+    assert _ok(run_cli("registry", "ls", env=env)).startswith("tiny")
+    default = run_cli(
+        "registry", "ls", env={"AIMASS_HOME": str(tmp_path / "home"), "AIMASS_REGISTRY": ""}
+    )
+    assert _ok(default) == "\n"  # $AIMASS_HOME/registry: empty until the first push
