@@ -40,6 +40,7 @@ test-all: venv
 
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/export_step.py
 
 lint: venv
 	$(BIN)/ruff check .

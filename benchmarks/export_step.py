@@ -15,7 +15,7 @@ What a step includes: ours `OrtDecoder.decode` + argmax; genai `Generator.genera
 (greedy); eager `Transformer.forward` with its KVCache + argmax. Prefill: ours computes the last
 position's logits only (logits_idx); genai's graph computes logits for every prompt position.
 
-    python benchmarks/export_step.py --checkpoint ~/.aimass/models/smollm2-135m-instruct
+    python benchmarks/export_step.py                       # SmolLM2-135M-Instruct, batches 1,8,32
     python benchmarks/export_step.py --checkpoint CKPT --work /tmp/bench --batches 1 --rounds 5
 
 The genai baseline needs the `onnx_ir` package (the model builder imports it).
@@ -192,11 +192,15 @@ def worker(conn, kind, source, max_batch, max_len, threads):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, required=True, help="aimass checkpoint folder")
+    ap.add_argument(
+        "--checkpoint",
+        default="smollm2-135m-instruct",
+        help="aimass checkpoint folder, or a bundled model name (default: SmolLM2-135M-Instruct)",
+    )
     ap.add_argument(
         "--work", type=Path, default=Path("/tmp/aimass-export-step"), help="built graphs (reused)"
     )
-    ap.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
+    ap.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per block")
     ap.add_argument("--rounds", type=int, default=4)
@@ -208,6 +212,9 @@ def main(argv=None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     engines = args.engines.split(",")
 
+    from trainer.cli import resolve_model
+
+    args.checkpoint = resolve_model(args.checkpoint)  # a bundled name is imported once
     ours = build_ours(args.checkpoint, args.work, args.max_len)
     genai = build_genai(args.checkpoint, args.work) if "genai" in engines else {}
     sources = {("ours", p): ours[p] for p in ours} | {("genai", p): genai[p] for p in genai}

@@ -258,6 +258,8 @@ def _gates(reg, args) -> int:
     if args.file:
         reg.set_gates_config(Path(args.file).read_bytes())
     config = reg.gates_config()
+    if not config:
+        print("no config/gates.json: every alias uses the default policy", file=sys.stderr)
     print(msgspec.json.format(msgspec.json.encode(config), indent=2).decode())
     return 0
 

@@ -1,7 +1,7 @@
 """Garbage collection: versions nobody can reach, then the blobs only they used.
 
-A version is kept while it is younger than the retention, or an alias points to it now or has
-pointed to it within its last HISTORY_KEEP moves (rollback's targets). A blob is kept while a
+A version is kept while it is younger than the retention, or an alias points to it or holds it
+in its history (the up to HISTORY_KEEP earlier targets rollback can return to). A blob is kept while a
 remaining version lists it, a push in progress names it (models/*/uploads/), or it is younger
 than the retention (a push may be uploading it). What interrupted pushes left (upload records,
 temporary files, S3 multipart uploads) goes once past the retention.

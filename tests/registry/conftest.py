@@ -27,7 +27,9 @@ def s3_endpoint():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_SESSION_TOKEN": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",  # these two win over the generic ones if a user set them
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
