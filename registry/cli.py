@@ -94,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         return HANDLERS[args.registry_command](registry, args)
     except (errors.RegistryError, ManifestError) as e:
         return _fail(str(e), next((c for t, c in codes.items() if isinstance(e, t)), 2))
+    except BrokenPipeError:  # `... | head`: the reader left; not an error of the registry
+        raise
     except OSError as e:  # the local disk: a full cache, permissions, a missing file
         return _fail(str(e), 1)
 
