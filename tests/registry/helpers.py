@@ -19,6 +19,21 @@ from registry.manifest import (
     file_entry,
 )
 
+# the architecture of the tiny test packages (trainer's `tiny` preset at dim 32)
+TINY_SPEC = ModelSpec(
+    architecture="llama",
+    vocab_size=300,
+    dim=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    ffn_dim=64,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+)
+
 
 def write_package(
     root: Path,
@@ -55,19 +70,7 @@ def write_package(
     )
     manifest = Manifest(
         name="tiny",
-        model=ModelSpec(
-            architecture="llama",
-            vocab_size=300,
-            dim=32,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            head_dim=8,
-            ffn_dim=64,
-            rope_theta=10000.0,
-            norm_eps=1e-5,
-            tie_embeddings=True,
-        ),
+        model=TINY_SPEC,
         max_context=64,
         tokenizer=TokenizerSpec(
             files=[file_entry(root, "tokenizer.json")], eos_token="</s>", eos_id=0

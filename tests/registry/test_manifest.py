@@ -14,7 +14,6 @@ from registry.manifest import (
     Lineage,
     Manifest,
     ManifestError,
-    ModelSpec,
     ParityReport,
     PromptParity,
     Quantization,
@@ -26,6 +25,7 @@ from registry.manifest import (
     load,
     verify,
 )
+from tests.registry.helpers import TINY_SPEC
 
 
 def make_package(root) -> Manifest:
@@ -40,19 +40,7 @@ def make_package(root) -> Manifest:
     ]
     manifest = Manifest(
         name="tiny",
-        model=ModelSpec(
-            architecture="llama",
-            vocab_size=300,
-            dim=32,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            head_dim=8,
-            ffn_dim=64,
-            rope_theta=10000.0,
-            norm_eps=1e-5,
-            tie_embeddings=True,
-        ),
+        model=TINY_SPEC,
         max_context=64,
         tokenizer=TokenizerSpec(
             files=[file_entry(root, "tokenizer.json")],
