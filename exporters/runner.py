@@ -151,6 +151,16 @@ class OrtDecoder:
         ids = np.asarray(tokens, dtype=np.int64)[:, None]
         return self.forward(ids, pos[:, None], pos, np.arange(B))
 
+    def logits(self, prompt_ids: Sequence[int], decode_ids: Sequence[int] = ()) -> np.ndarray:
+        """Every prompt position from one prefill, then one decode step per id → (T + D, V):
+        the steps the engine runs, for parity against eager PyTorch."""
+        T = len(prompt_ids)
+        self.reset()
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        rows = [self.forward(ids, np.arange(T)[None], np.array([T - 1]), np.arange(T))]
+        rows += [self.decode([t]) for t in decode_ids]
+        return np.concatenate(rows)
+
     def greedy(
         self, prompt_ids: list[int], max_tokens: int, stop_ids: Iterable[int] = ()
     ) -> list[int]:

@@ -172,29 +172,7 @@ BUILDERS: dict[str, Callable[[Build, TargetSpec, Path], dict]] = {
 def ort_decoder(path: Path, max_len: int, threads: int | None) -> Decoder:
     from exporters.runner import OrtDecoder
 
-    return _WithStepLogits(OrtDecoder(path, max_batch=1, max_len=max_len, threads=threads))
-
-
-class _WithStepLogits:
-    """OrtDecoder plus the `logits` method of parity's Decoder protocol, from its public
-    forward/decode: the prompt in one prefill returning every position, then one decode step
-    per token, as the engine runs them."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.greedy, self.score = decoder.greedy, decoder.score
-        self.prefill, self.decode = decoder.prefill, decoder.decode
-
-    def logits(self, prompt_ids, decode_ids=()):
-        import numpy as np
-
-        d, T = self.decoder, len(prompt_ids)
-        d.reset()
-        rows = [
-            d.forward(np.asarray([prompt_ids]), np.arange(T)[None], np.array([T - 1]), np.arange(T))
-        ]
-        rows += [d.decode([t]) for t in decode_ids]
-        return np.concatenate(rows)  # (T + len(decode_ids), V)
+    return OrtDecoder(path, max_batch=1, max_len=max_len, threads=threads)
 
 
 def _trt_decoder(path: Path, max_len: int, threads: int | None) -> Decoder:
