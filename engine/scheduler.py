@@ -1,0 +1,261 @@
+"""Continuous batching: which requests run how many tokens in each step.
+
+The scheduler returns plain data and imports no runtime; `engine/core.py` runs one step as
+`schedule()` → runner → `update()`. It is not thread-safe: the step loop owns it, and `abort()`
+from elsewhere must be handed to that loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequest, Overloaded
+from engine.kv_cache import KVSlots, KVUsage, check_fits
+from engine.request import EngineRequest, FinishReason, RequestState, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # sequences decoded together; each owns one preallocated KV row, so this sizes the cache
+    n_slots: int = 8
+    # tokens per slot (prompt + output): the cache's time axis and the admission limit
+    max_len: int = 2048
+    # tokens computed per step across all requests; bounds a step's latency, hence the
+    # inter-token gap every running stream sees while a long prompt is being prefilled
+    token_budget: int = 512
+    # requests queued beyond the slots; a full queue answers Overloaded instead of growing
+    # latency without bound
+    max_waiting: int = 128
+    # the Retry-After hint Overloaded carries: roughly the time for a queued request to start
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least("n_slots", self.n_slots, 1, "one sequence")
+        _at_least("max_len", self.max_len, 2, "a prompt token and an output token")
+        why = "n_slots: every running stream decodes one token per step"
+        _at_least("token_budget", self.token_budget, self.n_slots, why)
+        _at_least("max_waiting", self.max_waiting, 1, "one queued request")
+        if not self.retry_after_s > 0:
+            raise ValueError(f"SchedulerConfig.retry_after_s = {self.retry_after_s!r} must be > 0")
+
+
+def _at_least(name: str, value: int, limit: int, why: str) -> None:
+    if value < limit:
+        raise ValueError(f"SchedulerConfig.{name} = {value!r} must be >= {limit} ({why})")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """Tokens one request runs this step: `token_ids` go to positions start .. start + n - 1 of
+    `slot`; when `sample` is true the logits of the last one give the request's next token."""
+
+    request_id: str
+    slot: int
+    start: int
+    token_ids: tuple[int, ...]
+    sample: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step, grouped by the shape of forward the runner needs on ONNX Runtime."""
+
+    # the rule's result, {request_id: n_tokens}; what the runner must compute this step
+    num_scheduled_tokens: dict[str, int]
+    # one token on top of a past, rows at different positions: one batched forward
+    decodes: tuple[ScheduledChunk, ...]
+    # the first chunk of a prompt (no past): one batched, right-padded forward
+    prefills: tuple[ScheduledChunk, ...]
+    # a later prompt chunk of several tokens on top of a past; at most one per step (see
+    # schedule()), because ONNX Runtime's CPU GroupQueryAttention runs it only at batch 1
+    continuations: tuple[ScheduledChunk, ...]
+    # requests aborted since the last step; their slots are free again, the runner forgets them
+    aborted: tuple[str, ...]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def chunks(self) -> tuple[ScheduledChunk, ...]:
+        return self.decodes + self.prefills + self.continuations
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.kv = KVSlots(config.n_slots, config.max_len)
+        self._clock = clock
+        self._waiting: deque[RequestState] = deque()  # FIFO, holds no slot
+        self._running: list[RequestState] = []  # admission order, each holds a slot
+        self._states: dict[str, RequestState] = {}  # waiting + running
+        self._aborts: dict[str, None] = {}  # an ordered set: applied at the next step boundary
+        self._in_flight: dict[str, ScheduledChunk] | None = None  # scheduled, not yet updated
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._states)
+
+    def usage(self) -> KVUsage:
+        return self.kv.usage()
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request; ContextOverflow if it can never fit a slot, Overloaded if the queue
+        is full (checked in that order: retrying an oversized request never helps)."""
+        rid, prompt = request.request_id, len(request.prompt_token_ids)
+        if rid in self._states:
+            raise InvalidRequest(f"request id {rid!r} is already in the engine")
+        if prompt < 1 or request.max_tokens < 1:
+            raise InvalidRequest(
+                f"request {rid!r}: prompt has {prompt} tokens and max_tokens is "
+                f"{request.max_tokens}; both must be >= 1"
+            )
+        check_fits(prompt, request.max_tokens, self.config.max_len)
+        if len(self._waiting) >= self.config.max_waiting:
+            raise Overloaded(len(self._waiting), self.config.max_waiting, self.config.retry_after_s)
+        state = RequestState(request, arrival_time=self._clock())
+        self._waiting.append(state)
+        self._states[rid] = state
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a waiting or running request; False if it is unknown or already finished.
+
+        It never runs again: a token it samples in the step now in flight is dropped, and its
+        slot is freed at the next step boundary (the start of the next schedule()), once the
+        runner no longer writes into it."""
+        if request_id not in self._states:
+            return False
+        self._aborts[request_id] = None
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step.
+
+        The rule: one budget of `token_budget` tokens per step is handed out in this order.
+        1. Every running request whose next input is a single token (a decode) gets 1 token.
+           The budget covers them all (token_budget >= n_slots), so running streams never stall.
+        2. The request still in its prompt, if any, gets min(tokens left, budget left): a long
+           prompt takes only what remains after the decodes, so it can never delay them.
+        3. Waiting requests are admitted in FIFO order while a slot and budget remain, each with
+           a first chunk of min(prompt, budget left); with no free slot the queue head waits.
+        Aborted requests leave at the step boundary, before the budget is handed out.
+
+        A chunk cut short has used up the budget, so at most one request is ever part-way
+        through its prompt, and a step runs at most one later chunk (several tokens on top of a
+        past). That matters: ONNX Runtime's CPU GroupQueryAttention runs such a chunk only at
+        batch 1, so each one costs the runner a forward of its own.
+        """
+        if self._in_flight is not None:
+            raise RuntimeError("schedule() called again before update() took the last step")
+        aborted = self._apply_aborts()
+        budget = self.config.token_budget
+        chunks: list[ScheduledChunk] = []
+
+        decoding = [s for s in self._running if s.num_tokens - s.num_computed_tokens == 1]
+        for state in decoding:
+            chunks.append(self._chunk(state, 1))
+        budget -= len(decoding)
+
+        prefilling = [s for s in self._running if s.num_tokens - s.num_computed_tokens > 1]
+        assert len(prefilling) <= 1, "two requests part-way through their prompts"
+        if prefilling and budget:
+            state = prefilling[0]
+            n = min(state.num_tokens - state.num_computed_tokens, budget)
+            chunks.append(self._chunk(state, n))
+            budget -= n
+
+        while self._waiting and budget > 0:
+            state = self._waiting[0]
+            request = state.request
+            slot = self.kv.allocate(state.request_id, state.num_prompt_tokens + request.max_tokens)
+            if slot is None:
+                break  # FIFO: nobody overtakes the head; it starts when a slot frees
+            self._waiting.popleft()
+            state.status, state.slot = RequestStatus.RUNNING, slot
+            self._running.append(state)
+            n = min(state.num_prompt_tokens, budget)
+            chunks.append(self._chunk(state, n))
+            budget -= n
+
+        assert budget >= 0, budget
+        self._in_flight = {c.request_id: c for c in chunks}
+        return SchedulerOutput(
+            num_scheduled_tokens={c.request_id: c.n_tokens for c in chunks},
+            decodes=tuple(c for c in chunks if c.start > 0 and c.n_tokens == 1),
+            prefills=tuple(c for c in chunks if c.start == 0),
+            continuations=tuple(c for c in chunks if c.start > 0 and c.n_tokens > 1),
+            aborted=aborted,
+        )
+
+    def update(self, sampled: Mapping[str, int | None]) -> list[RequestState]:
+        """Take the step's result, {request_id: sampled token, or None for a chunk that does
+        not sample}. Returns the states that gained a token, finished ones included (their
+        finish_reason set and slot freed)."""
+        if self._in_flight is None:
+            raise RuntimeError("update() called without a scheduled step")
+        in_flight, self._in_flight = self._in_flight, None
+        unknown = sampled.keys() - in_flight.keys()
+        if unknown:
+            raise ValueError(f"tokens for requests not scheduled this step: {sorted(unknown)}")
+        updated = []
+        for rid, chunk in in_flight.items():
+            if rid in self._aborts:
+                continue  # dropped: the client asked to stop; freed at the next boundary
+            state = self._states[rid]
+            state.num_computed_tokens += chunk.n_tokens
+            token = sampled.get(rid)
+            if (token is None) == chunk.sample:
+                raise ValueError(
+                    f"request {rid!r}: sample={chunk.sample} this step but the runner gave "
+                    f"token {token!r}"
+                )
+            if token is None:
+                continue
+            state.output_token_ids.append(token)
+            if token in state.request.stop_token_ids:
+                self._finish(state, FinishReason.STOP)
+            elif len(state.output_token_ids) >= state.request.max_tokens:
+                self._finish(state, FinishReason.LENGTH)
+            updated.append(state)
+        return updated
+
+    def _chunk(self, state: RequestState, n: int) -> ScheduledChunk:
+        start = state.num_computed_tokens
+        assert state.slot is not None and n >= 1
+        return ScheduledChunk(
+            request_id=state.request_id,
+            slot=state.slot,
+            start=start,
+            token_ids=state.token_ids(start, start + n),
+            sample=start + n == state.num_tokens,
+        )
+
+    def _finish(self, state: RequestState, reason: FinishReason) -> None:
+        if state.status is RequestStatus.WAITING:
+            self._waiting.remove(state)
+        else:
+            self._running.remove(state)
+            self.kv.free(state.request_id)
+        del self._states[state.request_id]
+        state.status, state.finish_reason, state.slot = RequestStatus.FINISHED, reason, None
+
+    def _apply_aborts(self) -> tuple[str, ...]:
+        aborted = tuple(self._aborts)
+        for rid in aborted:
+            self._finish(self._states[rid], FinishReason.ABORT)
+        self._aborts.clear()
+        return aborted

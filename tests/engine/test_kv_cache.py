@@ -1,0 +1,32 @@
+"""KV slot bookkeeping: lowest slot first, "no room" as None, usage in tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import ContextOverflow
+from engine.kv_cache import KVSlots, check_fits
+
+
+def test_slots_are_handed_out_lowest_first_and_none_when_full():
+    kv = KVSlots(n_slots=2, max_len=100)
+    assert kv.allocate("a", 30) == 0
+    assert kv.allocate("b", 50) == 1
+    assert kv.allocate("c", 10) is None
+    usage = kv.usage()
+    assert (usage.slots_used, usage.tokens_reserved, usage.token_capacity) == (2, 80, 200)
+    assert usage.fraction == 0.4
+    kv.free("a")
+    assert kv.slot_of("a") is None
+    assert kv.allocate("c", 10) == 0
+    with pytest.raises(KeyError):
+        kv.free("a")
+
+
+def test_what_cannot_fit_a_slot_is_an_error_not_a_wait():
+    kv = KVSlots(n_slots=1, max_len=16)
+    with pytest.raises(ContextOverflow):
+        kv.allocate("a", 17)
+    with pytest.raises(ContextOverflow, match=r"= 17 tokens, more than the 16"):
+        check_fits(prompt_tokens=10, max_tokens=7, max_len=16)
+    check_fits(prompt_tokens=10, max_tokens=6, max_len=16)
