@@ -103,7 +103,9 @@ def export(
             reports=Reports(parity=reports),
         )
         (staging / MANIFEST).write_bytes(encode(manifest))
-        _fsync_tree(staging)
+        from trainer.checkpoint import fsync_tree
+
+        fsync_tree(staging)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -320,25 +322,6 @@ def _lineage(folder: Path, meta: dict) -> Lineage:
         checkpoint_step=meta.get("step"),
         export_code_revision=code_revision(),
     )
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flushes every file and folder to disk before the rename publishes them, with the
-    permissions of normally created ones (mkdtemp makes its folder 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _dirs, names in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for name in names:
-            path = os.path.join(dirpath, name)
-            os.chmod(path, 0o666 & ~umask)  # onnx writes external data 0600
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _publish(staging: Path, out_dir: Path) -> None:

@@ -166,7 +166,7 @@ def write_checkpoint(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
@@ -189,18 +189,21 @@ def point_latest(run_dir: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flushes every file to disk before the rename publishes them, and gives the folder the
-    permissions of a normally created one (mkdtemp and some writers use 0700/0600)."""
+def fsync_tree(root: Path) -> None:
+    """Flushes every file and folder under `root` to disk before a rename publishes them, with
+    the permissions of normally created ones (mkdtemp makes 0700 folders; safetensors and onnx
+    write some files 0600)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        os.chmod(p, 0o666 & ~umask)
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for dirpath, _dirs, names in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in names:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
