@@ -32,8 +32,13 @@ from registry.registry import Registry, blob_key
 READ = 8 << 20
 
 
+def aimass_home() -> Path:
+    """AIMASS_HOME (default ~/.aimass): the embedded default's registry folder and cache."""
+    return Path(os.environ.get("AIMASS_HOME") or Path.home() / ".aimass")
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("AIMASS_HOME") or Path.home() / ".aimass") / "cache"
+    return aimass_home() / "cache"
 
 
 def pull(

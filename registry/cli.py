@@ -78,6 +78,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from registry import errors
+    from registry.cache import aimass_home
     from registry.manifest import ManifestError
     from registry.registry import Registry
 
@@ -87,8 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         errors.GateFailed: 4,
         errors.IntegrityError: 5,
     }
-    home = Path(os.environ.get("AIMASS_HOME") or Path.home() / ".aimass")
-    uri = args.registry or os.environ.get("AIMASS_REGISTRY") or str(home / "registry")
+    uri = args.registry or os.environ.get("AIMASS_REGISTRY") or str(aimass_home() / "registry")
     try:
         registry = Registry.open(uri)
         return HANDLERS[args.registry_command](registry, args)
