@@ -43,6 +43,12 @@ def _register_generate(subparsers) -> None:
     p.add_argument(
         "--target", help="package target to run (default: the fastest this machine can run)"
     )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="STR",
+        help="stop before this text (repeatable; model packages only)",
+    )
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
 
@@ -52,31 +58,59 @@ def _generate(args: argparse.Namespace) -> int:
     from trainer import cli as trainer_cli
 
     if not is_package(args.model):
-        if args.target:
-            return trainer_cli._fail("--target applies to model packages only")
+        if args.target or args.stop:
+            flag = "--target" if args.target else "--stop"
+            return trainer_cli._fail(f"{flag} applies to model packages only")
         return trainer_cli.generate_from_checkpoint(args)
-    from exporters.errors import ExportError
-    from exporters.package import stream_from_package
+    return _generate_from_package(args)
+
+
+def _generate_from_package(args: argparse.Namespace) -> int:
+    """A model package runs through the engine (one slot), as the gateway runs it."""
+    from engine.errors import EngineError
+    from engine.loader import EngineConfig, LoadError, open_core
+    from engine.request import EngineRequest, SamplingParams
+    from trainer import cli as trainer_cli
     from trainer.errors import TrainerError
     from trainer.tokenizer import Tokenizer
 
     try:
         tokenizer = Tokenizer.load(args.model)
-        tokens = stream_from_package(
-            args.model,
-            tokenizer.encode(trainer_cli.prompt_text(tokenizer, args)),
-            args.max_tokens,
-            target=args.target,
-            stop_ids=tokenizer.stop_ids,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
+        prompt = tokenizer.encode(trainer_cli.prompt_text(tokenizer, args))
+        sampling = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
         )
-        trainer_cli.print_stream(tokenizer, tokens)
-    except (ExportError, TrainerError) as e:
+        _check_sampling(args)
+        core, info = open_core(args.model, EngineConfig(target=args.target, n_slots=1))
+        core.add(
+            EngineRequest(
+                request_id="cli",
+                prompt_token_ids=tuple(prompt),
+                max_tokens=args.max_tokens,
+                stop_token_ids=info.stop_ids,
+                sampling=sampling,
+                stop=tuple(args.stop or ()),
+            )
+        )
+        while core.has_work():
+            for out in core.step():
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (LoadError, EngineError, TrainerError, ValueError) as e:
         return trainer_cli._fail(str(e))
     return 0
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens={args.max_tokens} must be >= 1")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature={args.temperature} must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k={args.top_k} must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:

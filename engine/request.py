@@ -38,6 +38,7 @@ class EngineRequest(msgspec.Struct, frozen=True, array_like=True, omit_defaults=
     max_tokens: int  # output tokens at most; prompt + max_tokens is reserved in a KV slot
     stop_token_ids: tuple[int, ...] = ()  # e.g. EOS; the stop token is output, then it ends
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one, which is cut
 
 
 class RequestStatus(enum.Enum):

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine.loader import LoadError
+from engine.loader import choose_artifact as _engine_choose
 from exporters import targets as _targets
 from exporters.errors import ExportError, ParityError
 from exporters.parity import Decoder, ParityReport, check_parity, held_out_text
@@ -119,26 +121,11 @@ def is_package(path: str | Path) -> bool:
 
 
 def choose_artifact(manifest: Manifest, target: str | None = None) -> Artifact:
-    """`target`, or the fastest ONNX Runtime artifact on a CPU: artifacts that passed parity
-    first, then fewer weight bits (int4 > int8 > fp32), then the ORT flavour over the portable."""
-    if target is not None:
-        artifact = manifest.artifact(target)
-        if artifact.runtime != "onnxruntime":
-            raise ExportError(
-                f"{target} runs on {artifact.runtime}; this runs ONNX Runtime targets"
-            )
-        return artifact
-    runnable = [a for a in manifest.artifacts if a.runtime == "onnxruntime"]
-    if not runnable:
-        raise ExportError("the package has no ONNX Runtime artifact")
-
-    def rank(a: Artifact) -> tuple:
-        report = manifest.reports.parity.get(a.target)
-        failed = report is not None and not report.passed
-        bits = a.quantization.bits if a.quantization else 32
-        return (failed, bits, a.flavour != "ort")
-
-    return min(runnable, key=rank)
+    """The engine's choice (engine.loader.choose_artifact), as an ExportError."""
+    try:
+        return _engine_choose(manifest, target)
+    except LoadError as e:
+        raise ExportError(str(e)) from None
 
 
 def open_decoder(

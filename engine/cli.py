@@ -1,0 +1,88 @@
+"""`aimass engine serve PACKAGE`: the engine server (engine.server) of one model package."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from engine.runner import PROVIDERS
+
+
+def register(subparsers) -> None:
+    engine = subparsers.add_parser("engine", help="run a model package's engine")
+    commands = engine.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
+    p = commands.add_parser(
+        "serve", help="serve a package's engine over TCP to gateways (engine server)"
+    )
+    p.add_argument("package", metavar="PACKAGE", help="a model package folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8100, help="port (0 picks a free one)")
+    add_engine_arguments(p)
+    p.set_defaults(func=_serve)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="package target (default: the fastest runnable here)")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
+    p.add_argument("--slots", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, help="tokens per slot (default: the target's)")
+    p.add_argument("--token-budget", type=int, default=512, help="tokens per step")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests at most")
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.loader import EngineConfig
+
+    return EngineConfig(
+        target=args.target,
+        provider=args.provider,
+        threads=args.threads,
+        n_slots=args.slots,
+        max_len=args.max_len,
+        token_budget=args.token_budget,
+        max_waiting=args.max_waiting,
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"aimass: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.loader import LoadError, load_engine
+    from engine.server import EngineServer
+
+    if not 0 <= args.port <= 65535:
+        return _fail(f"--port={args.port} must be in 0..65535")
+    try:
+        engine = load_engine(args.package, engine_config(args))
+    except (LoadError, ValueError) as e:
+        return _fail(str(e))
+
+    async def main() -> None:
+        server = EngineServer(engine)
+        port = await server.start(args.host, args.port)
+        info = engine.info
+        print(
+            f"engine server for {info.model} ({info.target} on {info.provider}, "
+            f"{info.n_slots} slots × {info.max_len} tokens) listening on {args.host}:{port}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        serving = asyncio.create_task(server.serve_forever())
+        await stop.wait()
+        serving.cancel()
+        await server.close()
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    return 0

@@ -1,0 +1,162 @@
+"""A model package folder → a running engine: pick the artifact, check its files against the
+manifest, open it on the chosen execution provider, size the KV cache.
+
+Settings are one typed struct (`EngineConfig`), validated where it is built, each error naming
+the field, the value and the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from engine.async_engine import AsyncEngine
+from engine.core import EngineCore
+from engine.detokenizer import TokenBytes
+from engine.outputs import EngineInfo
+from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable
+from engine.scheduler import SchedulerConfig
+from registry.manifest import Artifact, Manifest, ManifestError, check_files, load
+
+
+class LoadError(RuntimeError):
+    """The package cannot run here: damaged, no runnable target, or an unavailable provider."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # the package artifact to run; None picks the fastest ONNX Runtime one (choose_artifact)
+    target: str | None = None
+    # "cpu", "cuda" or "tensorrt" (ONNX Runtime execution providers)
+    provider: str = "cpu"
+    # ONNX Runtime intra-op threads; None lets it use every core
+    threads: int | None = None
+    # sequences decoded together (KV cache rows)
+    n_slots: int = 32
+    # tokens per slot; None takes the artifact's max_len. The cache is n_slots × max_len
+    max_len: int | None = None
+    # tokens per step shared by prefill chunks and decodes
+    token_budget: int = 512
+    # requests queued beyond the slots before Overloaded
+    max_waiting: int = 256
+    # the Retry-After hint when overloaded
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ValueError(
+                f"EngineConfig.provider = {self.provider!r} must be one of {', '.join(PROVIDERS)}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"EngineConfig.threads = {self.threads} must be >= 1")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"EngineConfig.max_len = {self.max_len} must be >= 2")
+
+    def scheduler(self, max_len: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            n_slots=self.n_slots,
+            max_len=max_len,
+            token_budget=max(self.token_budget, self.n_slots),
+            max_waiting=self.max_waiting,
+            retry_after_s=self.retry_after_s,
+        )
+
+
+def choose_artifact(manifest: Manifest, target: str | None = None) -> Artifact:
+    """`target`, or the fastest ONNX Runtime artifact on a CPU: artifacts that passed parity
+    first, then fewer weight bits (int4 > int8 > fp32), then the ORT flavour over the portable."""
+    if target is not None:
+        try:
+            artifact = manifest.artifact(target)
+        except ManifestError as e:
+            raise LoadError(str(e)) from None
+        if artifact.runtime != "onnxruntime":
+            raise LoadError(
+                f"{target} runs on {artifact.runtime}; the engine runs ONNX Runtime targets "
+                "(TensorRT plans run through `exporters.tensorrt` only so far)"
+            )
+        return artifact
+    runnable = [a for a in manifest.artifacts if a.runtime == "onnxruntime"]
+    if not runnable:
+        raise LoadError("the package has no ONNX Runtime artifact")
+
+    def rank(a: Artifact) -> tuple:
+        report = manifest.reports.parity.get(a.target)
+        failed = report is not None and not report.passed
+        bits = a.quantization.bits if a.quantization else 32
+        return (failed, bits, a.flavour != "ort")
+
+    return min(runnable, key=rank)
+
+
+def open_core(
+    package_dir: str | Path, config: EngineConfig = EngineConfig()
+) -> tuple[EngineCore, EngineInfo]:
+    """The synchronous engine of a package (tests, `aimass generate`), and what it serves."""
+    package_dir = Path(package_dir)
+    try:
+        manifest = load(package_dir)
+    except (ManifestError, OSError) as e:
+        raise LoadError(f"{package_dir}: {e}") from None
+    artifact = choose_artifact(manifest, config.target)
+    problems = check_files(package_dir, [*manifest.tokenizer.files, *artifact.files])
+    if problems:
+        raise LoadError(f"{package_dir} is damaged: {'; '.join(problems)}")
+    max_len = config.max_len or artifact.max_len
+    if max_len > artifact.max_len:
+        raise LoadError(
+            f"EngineConfig.max_len = {max_len} exceeds the {artifact.target} context of "
+            f"{artifact.max_len}"
+        )
+    try:
+        runner = OrtRunner(
+            package_dir / artifact.entry,
+            config.n_slots,
+            max_len,
+            threads=config.threads,
+            provider=config.provider,
+        )
+    except ProviderUnavailable as e:
+        raise LoadError(str(e)) from None
+    tokenizer_json = (package_dir / "tokenizer.json").read_text(encoding="utf-8")
+    core = EngineCore(runner, config.scheduler(max_len), TokenBytes(tokenizer_json))
+    tok = manifest.tokenizer
+    gen = manifest.generation
+    info = EngineInfo(
+        model=manifest.name or package_dir.name,
+        version=None,
+        target=artifact.target,
+        provider=runner.provider,
+        max_len=max_len,
+        n_slots=config.n_slots,
+        vocab_size=manifest.model.vocab_size,
+        eos_id=tok.eos_id,
+        stop_ids=tuple(dict.fromkeys([tok.eos_id, *tok.stop_ids, *gen.stop_ids])),
+        tokenizer_json=tokenizer_json,
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        generation_defaults={
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "top_k": gen.top_k,
+            "max_tokens": gen.max_tokens,
+        },
+    )
+    return core, info
+
+
+def load_engine(
+    package_dir: str | Path,
+    config: EngineConfig = EngineConfig(),
+    *,
+    model: str | None = None,
+    version: str | None = None,
+) -> AsyncEngine:
+    """The in-process engine of a package (not started: it starts on first use, or start())."""
+    core, info = open_core(package_dir, config)
+    if model is not None or version is not None:
+        info = msgspec.structs.replace(info, model=model or info.model, version=version)
+    return AsyncEngine(core, info)

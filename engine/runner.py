@@ -1,0 +1,267 @@
+"""Runs the engine graph (contract 2) on ONNX Runtime over a KV cache allocated once.
+
+The cache is one OrtValue per layer and kind, of shape [n_slots, K, max_len, hd], and every
+forward binds each `present_*` output to the same memory as its `past_*` input, so
+GroupQueryAttention appends in place and no step copies the cache:
+
+    slot (batch row) 0  [ K × (filled .. | free ........) × hd ]   per layer, keys and values
+    slot 1              [ K × (filled ...... | free ....) × hd ]
+    ...                   ▲ rows = range(a, a+B) of a forward are bound by pointer, so a step
+                            may run any contiguous run of slots
+
+`execute()` turns one scheduler step into as few forwards as the runtime allows. ONNX Runtime's
+CPU GroupQueryAttention takes a batch of single-token decodes at different positions, or a batch
+of first prompts (all from position 0), but a later prompt chunk only at batch 1; so a step is at
+most three kinds of forward:
+
+    decodes        one forward over range(lowest, highest decoding slot + 1); a slot in that range
+                   that is not decoding rides along as a dummy row that writes one position past
+                   its cached tokens (the next real write there overwrites it) — or position 0 of a
+                   free slot
+    first prompts  one forward per contiguous run of their slots (a dummy row there would write
+                   a whole prompt over a running slot's cache, so runs are never padded)
+    a continuation one batch-1 forward (the scheduler runs at most one per step)
+
+Dims come from the graph's inputs, so the engine needs no model code. The exporter's parity
+harness (exporters/runner.py) runs the same forward, so parity is measured on what serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+
+# the setting users pick → ONNX Runtime's provider list (first preferred; CPU runs what is left)
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class ProviderUnavailable(RuntimeError):
+    """The chosen execution provider is not in this ONNX Runtime build (or has no device)."""
+
+
+def check_provider(provider: str) -> list[str]:
+    """The provider list for a setting, or ProviderUnavailable naming what this build has."""
+    if provider not in PROVIDERS:
+        raise ProviderUnavailable(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    wanted, available = PROVIDERS[provider], ort.get_available_providers()
+    if wanted[0] not in available:
+        raise ProviderUnavailable(
+            f"provider {provider!r} needs {wanted[0]}, which this onnxruntime "
+            f"{ort.__version__} does not have (it has {', '.join(available)}); install "
+            f"onnxruntime-gpu on a machine with a CUDA GPU, or use provider 'cpu'"
+        )
+    return wanted
+
+
+class OrtRunner:
+    """Owns the session, the KV cache and each slot's cached length."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_slots: int,
+        max_len: int,
+        *,
+        threads: int | None = None,
+        provider: str = "cpu",
+    ):
+        if n_slots < 1:
+            raise ValueError(f"n_slots={n_slots} must be >= 1")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = check_provider(provider)
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.device = _DEVICE.get(self.provider, "cuda")
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        past = inputs["past_key_0"]
+        n_layers = sum(name.startswith("past_key_") for name in inputs)
+        self.kv_dtype = _DTYPES[past.type]
+        _, n_kv_heads, capacity, head_dim = past.shape
+        # a symbolic cache length (ORT flavour) takes max_len; a fixed one (portable) is kept
+        graph_len = capacity if isinstance(capacity, int) else _graph_max_len(self.session)
+        if not 1 <= max_len <= graph_len:
+            raise ValueError(f"max_len={max_len} must be in 1..{graph_len}, the graph's max_len")
+        capacity = capacity if isinstance(capacity, int) else max_len
+        self.n_slots, self.max_len, self.n_layers = n_slots, max_len, n_layers
+        self.vocab_size = _vocab_size(self.session)
+        self._row_shape = (n_kv_heads, capacity, head_dim)
+        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
+        # allocated once and zeroed once: the pages are touched at load rather than in the first
+        # decode steps, and a bug that read past a row's length would read zeros, not garbage
+        zeros = np.zeros((n_slots, *self._row_shape), dtype=self.kv_dtype)
+        self.kv: dict[str, ort.OrtValue] = {}
+        for i in range(n_layers):
+            for kind in ("key", "value"):
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    zeros.shape, self.kv_dtype, self.device, 0
+                )
+                value.update_inplace(zeros)
+                self.kv[f"{kind}_{i}"] = value
+        self.binding = self.session.io_binding()
+        self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
+        self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
+        self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._row_bytes * self.n_slots * len(self.kv)
+
+    def reset(self) -> None:
+        """Forgets every slot's tokens. The buffers are not cleared: attention never reads past a
+        row's length, and a first prompt (S == total length) starts each row from empty."""
+        self.lengths[:] = 0
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        seqlens_k: np.ndarray,
+        logits_idx: np.ndarray,
+        rows: range | None = None,
+    ) -> np.ndarray:
+        """One graph call: ids/positions [B, S] (right-padded), seqlens_k [B] (each row's total
+        length - 1 after the step), logits_idx [N] into the flat B*S axis → logits [N, V].
+
+        `rows` are the cache slots of the B batch rows, a contiguous range (default 0..B-1):
+        their buffers are bound by pointer offset, so no slot is copied. The logits returned are
+        a view of a buffer the next forward overwrites.
+        """
+        B, S = input_ids.shape
+        rows = range(B) if rows is None else rows
+        if len(rows) != B or rows.step != 1 or rows.start < 0 or rows.stop > self.n_slots:
+            raise ValueError(
+                f"rows={rows} must be a contiguous range of {B} slots in 0..{self.n_slots - 1}"
+            )
+        seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
+        total = int(seqlens_k.max()) + 1
+        if not S <= total <= self.max_len:
+            raise ValueError(f"total length {total} must be in S={S}..max_len={self.max_len}")
+        b = self.binding
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        b.bind_cpu_input("seqlens_k", seqlens_k)
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        b.bind_cpu_input("logits_idx", np.ascontiguousarray(logits_idx, dtype=np.int64))
+        if (rows.start, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
+            shape = (B, *self._row_shape)
+            offset = rows.start * self._row_bytes
+            for name, value in self.kv.items():
+                ptr = value.data_ptr() + offset
+                b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
+                b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
+            self._bound_rows = (rows.start, B)
+        N = len(logits_idx)
+        if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
+            self._logits = np.empty((N, self.vocab_size), dtype=np.float32)
+            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self.session.run_with_iobinding(b)
+        self.lengths[rows.start : rows.stop] = seqlens_k + 1
+        return self._logits
+
+    # ── one scheduler step ──
+
+    def execute(self, step: SchedulerOutput) -> tuple[list[str], np.ndarray]:
+        """Runs a step's chunks → (request ids, their logits [n, V]) for the chunks that sample,
+        in the order of the ids. Aborted requests' slots need nothing: a slot's next first
+        prompt starts it from empty."""
+        ids: list[str] = []
+        parts: list[np.ndarray] = []
+        for run in self._decode_forwards(step.decodes):
+            ids += run[0]
+            parts.append(run[1])
+        for run in _contiguous(sorted(step.prefills, key=lambda c: c.slot)):
+            ids_, logits = self._prefill(run)
+            ids += ids_
+            parts.append(logits)
+        for chunk in step.continuations:
+            logits = self._continue(chunk)
+            if chunk.sample:
+                ids.append(chunk.request_id)
+                parts.append(logits)
+        if not parts:
+            return [], np.empty((0, self.vocab_size), np.float32)
+        return ids, np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+    def _decode_forwards(self, decodes: Sequence[ScheduledChunk]):
+        if not decodes:
+            return
+        by_slot = {c.slot: c for c in decodes}
+        lo, hi = min(by_slot), max(by_slot)
+        B = hi - lo + 1
+        ids = np.zeros((B, 1), np.int64)
+        pos = np.empty(B, np.int64)
+        for r, slot in enumerate(range(lo, hi + 1)):
+            chunk = by_slot.get(slot)
+            if chunk is not None:
+                ids[r, 0], pos[r] = chunk.token_ids[0], chunk.start
+            else:  # a dummy row: one position past what the slot holds (see the module doc)
+                pos[r] = min(self.lengths[slot], self.max_len - 1)
+        keep = self.lengths[lo : hi + 1].copy()
+        rows = [slot - lo for slot in sorted(by_slot)]
+        logits = self.forward(ids, pos[:, None], pos, np.asarray(rows), range(lo, hi + 1))
+        # dummy rows did not gain a token
+        for r, slot in enumerate(range(lo, hi + 1)):
+            if slot not in by_slot:
+                self.lengths[slot] = keep[r]
+        yield [by_slot[s].request_id for s in sorted(by_slot)], logits.copy()
+
+    def _prefill(self, run: list[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
+        lens = np.array([c.n_tokens for c in run])
+        B, S = len(run), int(lens.max())
+        ids = np.zeros((B, S), np.int64)
+        for r, c in enumerate(run):
+            ids[r, : c.n_tokens] = c.token_ids
+        positions = np.broadcast_to(np.arange(S), (B, S))
+        sampling = [r for r, c in enumerate(run) if c.sample]
+        # a chunk that does not sample still needs one logits row for the graph's shape
+        last = np.arange(B) * S + lens - 1
+        logits = self.forward(ids, positions, lens - 1, last, range(run[0].slot, run[-1].slot + 1))
+        return [run[r].request_id for r in sampling], logits[sampling].copy()
+
+    def _continue(self, chunk: ScheduledChunk) -> np.ndarray:
+        n, start = chunk.n_tokens, chunk.start
+        ids = np.asarray([chunk.token_ids], np.int64)
+        positions = np.arange(start, start + n)[None]
+        rows = range(chunk.slot, chunk.slot + 1)
+        return self.forward(ids, positions, np.array([start + n - 1]), np.array([n - 1]), rows)
+
+
+def _contiguous(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+    runs: list[list[ScheduledChunk]] = []
+    for c in chunks:
+        if runs and runs[-1][-1].slot + 1 == c.slot:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs
+
+
+def _graph_max_len(session: ort.InferenceSession) -> int:
+    meta = session.get_modelmeta().custom_metadata_map
+    for key in ("aimass.max_len", "max_len"):
+        if key in meta:
+            return int(meta[key])
+    raise ValueError("the graph states no max_len in its metadata")
+
+
+def _vocab_size(session: ort.InferenceSession) -> int:
+    logits = next(o for o in session.get_outputs() if o.name == "logits")
+    if isinstance(logits.shape[-1], int):
+        return logits.shape[-1]
+    embed = session.get_modelmeta().custom_metadata_map
+    raise ValueError(f"the graph's logits have no fixed vocabulary size (metadata: {embed})")
