@@ -93,9 +93,10 @@ def test_join_and_leave_at_every_step_changes_nobodys_output(tiny_package, token
     together = drain(core, on_step=lambda s: s < len(requests) and core.add(requests[s]))
     assert core.has_work() is False
     for r in requests:
-        assert together[(r.request_id, 0)]["tokens"] == alone(tiny_package, r)[
-            (r.request_id, 0)
-        ]["tokens"]
+        assert (
+            together[(r.request_id, 0)]["tokens"]
+            == alone(tiny_package, r)[(r.request_id, 0)]["tokens"]
+        )
 
 
 @pytest.mark.slow
@@ -182,9 +183,10 @@ def test_an_aborted_request_frees_its_slot_at_the_next_step(tiny_package, tokeni
     assert [(o.request_id, o.finish_reason) for o in outs if o.finished] == [("a", "abort")]
     assert core.scheduler.num_waiting == 0
     first = [t for o in outs if o.request_id == "b" for t in o.token_ids]
-    assert first + drain(core)[("b", 0)]["tokens"] == alone(
-        tiny_package, req(tokenizer, "b", "class", 5, temperature=0)
-    )[("b", 0)]["tokens"]
+    assert (
+        first + drain(core)[("b", 0)]["tokens"]
+        == alone(tiny_package, req(tokenizer, "b", "class", 5, temperature=0))[("b", 0)]["tokens"]
+    )
     assert core.abort("a") is False
 
 

@@ -49,9 +49,7 @@ def test_an_incomplete_character_at_the_end_becomes_a_replacement_char(tokenizer
         (["one two", " three"], ("three", "two"), "one ", True),  # the earliest stop wins
     ],
 )
-def test_stop_strings_are_matched_across_tokens_and_never_leaked(
-    pieces, stops, emitted, stopped
-):
+def test_stop_strings_are_matched_across_tokens_and_never_leaked(pieces, stops, emitted, stopped):
     m = StopMatcher(stops)
     out = "".join(m.push(p) for p in pieces) + m.flush()
     assert out == emitted

@@ -1,0 +1,5 @@
+"""Prometheus metrics of the gateway (served at /metrics)."""
+
+from gateway.metrics.prometheus import GatewayMetrics
+
+__all__ = ["GatewayMetrics"]
