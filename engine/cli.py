@@ -7,8 +7,6 @@ import asyncio
 import signal
 import sys
 
-from engine.runner import PROVIDERS
-
 
 def register(subparsers) -> None:
     engine = subparsers.add_parser("engine", help="run a model package's engine")
@@ -25,7 +23,7 @@ def register(subparsers) -> None:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="package target (default: the fastest runnable here)")
-    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
     p.add_argument("--slots", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-len", type=int, help="tokens per slot (default: the target's)")

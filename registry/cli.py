@@ -50,6 +50,12 @@ def register(subparsers) -> None:
     c.add_argument("alias")
     c.add_argument("version")
     c.add_argument("--expect", metavar="VERSION", help="the version it must point to now, or none")
+    c.add_argument(
+        "--weight",
+        type=float,
+        metavar="W",
+        help="make ALIAS a canary: the gateway sends this share (0..1) of NAME's traffic to it",
+    )
     c = add("promote", "move ALIAS to VERSION if the gates pass (exit 4 naming the failed gate)")
     c.add_argument("name")
     c.add_argument("version")
@@ -195,7 +201,8 @@ def _alias(reg, args) -> int:
     expect = None
     if args.expect is not None:
         expect = 0 if args.expect.lower() == "none" else parse_version(args.expect)
-    _print_move(reg.set_alias(args.name, args.alias, parse_version(args.version), expect=expect))
+    version = parse_version(args.version)
+    _print_move(reg.set_alias(args.name, args.alias, version, expect=expect, weight=args.weight))
     return 0
 
 

@@ -16,6 +16,9 @@ class AliasRecord(msgspec.Struct, kw_only=True):
     updated_at: datetime
     updated_by: str
     history: list[int] = []  # earlier targets, oldest first; rollback returns to the last
+    # the share of the model's traffic (requests for plain NAME) the gateway sends to this
+    # alias's version instead of production's: a canary; None or 0 for an ordinary alias
+    weight: float | None = None
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -32,6 +35,7 @@ class Event(msgspec.Struct, kw_only=True):
     forced: bool = False  # promote --force
     gates: list[GateResult] = []
     detail: str = ""
+    weight: float | None = None  # a canary alias's traffic share after the move
 
 
 @dataclass

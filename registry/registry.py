@@ -213,10 +213,21 @@ class Registry:
             if self.store.stat(blob_key(sha)) is None:
                 self.store.upload_file(blob_key(sha), root / path, sha, size)
 
-    def set_alias(self, name: str, alias: str, version: int, *, expect: int | None = None) -> Move:
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        expect: int | None = None,
+        weight: float | None = None,
+    ) -> Move:
         """Points `alias` at `version` by compare-and-swap. `expect`: the version the alias must
         point to now (0: it must not exist yet); AliasConflict if it does not, or if it moves
-        between the read and the write."""
+        between the read and the write. `weight` in [0, 1] makes the alias a canary: the
+        gateway sends that share of the model's traffic to it."""
+        if weight is not None and not 0 <= weight <= 1:
+            raise RegistryError(f"weight {weight} must be between 0 and 1")
         self._require_version(name, version)
         current, etag = self.alias(name, check_name(alias, "alias")) or (None, None)
         now = current.version if current else 0
@@ -224,7 +235,7 @@ class Registry:
             where = f"points to {now}" if now else "does not exist"
             want = f"point to {expect}" if expect else "not exist"
             raise AliasConflict(f"{name}@{alias} {where}; --expect said it would {want}")
-        return self._move(name, alias, version, current, etag, "alias")
+        return self._move(name, alias, version, current, etag, "alias", weight=weight)
 
     def promote(
         self,
@@ -271,9 +282,12 @@ class Registry:
         except ManifestError as e:
             raise RegistryError(f"{name}:{version}: {e}") from None
 
-    def _move(self, name, alias, version, current, etag, action, *, forced=False, gate_results=()):
+    def _move(
+        self, name, alias, version, current, etag, action, *, forced=False, gate_results=(),
+        weight=None,
+    ):  # fmt: skip
         before = current.version if current else None
-        if before == version:
+        if before == version and (current.weight if current else None) == weight:
             return Move(name, alias, before, version, False, list(gate_results))
         history = list(current.history) if current else []
         if action == "rollback":
@@ -286,6 +300,7 @@ class Registry:
             updated_at=datetime.now(UTC),
             updated_by=self.user,
             history=history,
+            weight=weight,
         )
         try:
             self.store.put_if_match(alias_key(name, alias), msgspec.json.encode(record), etag)
@@ -301,6 +316,7 @@ class Registry:
             alias=alias,
             from_version=before,
             seq=record.seq,
+            weight=weight,
             forced=forced,
             gates=list(gate_results),
         )

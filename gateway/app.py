@@ -1,0 +1,276 @@
+"""The gateway application: configuration, the long-lived clients (registry, models, key store,
+rate limiter, metrics) owned by the lifespan, authentication by route scope, the error table,
+request ids and JSON access logs, health and metrics routes.
+
+    create_app(GatewayConfig(...))  →  Litestar app; `aimass serve` runs it under uvicorn
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from litestar import Litestar, Request, Response, get
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+
+from gateway.auth.service import KeyStore, parse_bearer, require_scope
+from gateway.errors import body, classify
+from gateway.limits.service import make_rate_limiter
+from gateway.metrics import GatewayMetrics
+from gateway.models.service import ModelManager, ModelsConfig
+from gateway.openai.routes import ROUTES
+from gateway.openai.service import GenerationService, Limits
+from registry.registry import Registry
+
+log = logging.getLogger("aimass.gateway")
+access = logging.getLogger("aimass.access")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # registry URI (a folder or s3://bucket/prefix)
+    registry: str
+    # the API-key database (SQLite)
+    keys_db: Path
+    # where the gateway listens; auth may be off only on a loopback address
+    host: str = "127.0.0.1"
+    # Redis URL for rate limits shared by gateway replicas; None keeps them in memory
+    redis_url: str | None = None
+    # bytes of request body accepted (413 above)
+    max_body_bytes: int = 1 << 20
+    # prompt and output bounds, default per-key rate limits
+    limits: Limits = field(default_factory=Limits)
+    # serverless lifecycle and engine settings
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError(
+                f"GatewayConfig.max_body_bytes = {self.max_body_bytes} must be >= 1024"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ── authentication: every route states its scopes in opt; no scopes means public ──
+
+
+async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    scopes = handler.opt.get("scopes")
+    if not scopes:
+        return
+    state = connection.app.state
+    header = connection.headers.get("authorization")
+    if state.open_access:
+        # no keys exist and the gateway listens on loopback only (said at start): any or no
+        # key is accepted (clients such as openai's insist on sending one)
+        return
+    key = state.key_store.authenticate(parse_bearer(header))
+    for scope in scopes:
+        if scope in key.scopes:
+            break
+    else:
+        require_scope(key, scopes[0])
+    connection.state["key"] = key
+
+
+# ── errors: one table (gateway/errors.py), OpenAI's shape, litestar's own errors included ──
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ValidationException):
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        first = extra[0] if extra else {}
+        message = first.get("message", exc.detail) if isinstance(first, dict) else exc.detail
+        param = first.get("key") if isinstance(first, dict) else None
+        message = f"{param}: {message}" if param else message
+        status, payload, headers = 400, body(message, "invalid_request_error", param,
+                                             "invalid_value"), {}  # fmt: skip
+    elif isinstance(exc, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        message = exc.detail
+        if exc.status_code == 413:
+            limit = request.app.state.config.max_body_bytes
+            message = f"the request body exceeds the limit of {limit} bytes"
+        status, headers = exc.status_code, dict(exc.headers or {})
+        payload = body(message, "invalid_request_error", None, code.get(status))
+    else:
+        status, payload, headers = classify(exc)
+    request.state["error"] = payload["error"]["code"]
+    return Response(payload, status_code=status, headers=headers)
+
+
+# ── request ids and access logs (raw ASGI: covers streams and errors alike) ──
+
+
+def request_context(app):
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started, status = time.perf_counter(), 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", rid.encode())]  # fmt: skip
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            state = scope.get("state", {})
+            duration = time.perf_counter() - started
+            model = state.get("model", "")
+            if scope["path"].startswith("/v1/"):
+                metrics = scope["app"].state.metrics
+                metrics.observe_request(model or "-", scope["path"], status, duration)
+            key = state.get("key")
+            access.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "model": model or None,
+                    "key_id": key.key_id if key else None,
+                    "error": state.get("error"),
+                },
+            )
+
+    return middleware
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's extras."""
+
+    _plain = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out |= {k: v for k, v in vars(record).items() if k not in self._plain}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+# ── health and metrics ──
+
+
+@get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness: registry reachable, no load in progress, engines healthy")
+async def readyz(models: ModelManager) -> Response:
+    problems = []
+    try:
+        import asyncio
+
+        await asyncio.to_thread(models.registry.models)
+    except Exception as e:
+        problems.append(f"registry: {e}")
+    loaded = {}
+    for d in models.deployments:
+        health = await d.engine.health()
+        loaded[d.ref] = health.status
+        if not health.ok:
+            problems.append(f"{d.ref}: {health.status} {health.detail}".strip())
+    if not models.ready():
+        problems.append("a model is loading")
+    status = 200 if not problems else 503
+    return Response({"ready": not problems, "models": loaded, "problems": problems},
+                    status_code=status)  # fmt: skip
+
+
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics_route(request: Request, models: ModelManager) -> Response:
+    metrics: GatewayMetrics = request.app.state.metrics
+    for d in models.deployments:
+        with contextlib.suppress(Exception):
+            metrics.observe_engine(d.name, await d.engine.stats())
+    data, content_type = metrics.render()
+    return Response(data, media_type=content_type)
+
+
+# ── the application ──
+
+
+def create_app(config: GatewayConfig) -> Litestar:
+    metrics = GatewayMetrics()
+    registry = Registry.open(config.registry)
+    models = ModelManager(
+        registry,
+        config.models,
+        on_load=lambda d: metrics.model_up(d.name, str(d.version), d.load_s),
+        on_unload=lambda d: metrics.model_down(d.name, str(d.version)),
+    )
+    keys = KeyStore(config.keys_db)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        limiter = await make_rate_limiter(config.redis_url)
+        app.state.generation = GenerationService(models, limiter, metrics, config.limits)
+        await models.start()
+        try:
+            yield
+        finally:
+            await models.close()
+            await limiter.close()
+            keys.close()
+
+    open_access = keys.count() == 0 and is_loopback(config.host)
+    state = State(
+        {"config": config, "metrics": metrics, "key_store": keys, "open_access": open_access}
+    )
+    return Litestar(
+        route_handlers=[*ROUTES, healthz, readyz, metrics_route],
+        dependencies={
+            "models": Provide(lambda: models, sync_to_thread=False),
+            "generation": Provide(_generation, sync_to_thread=False),
+        },
+        guards=[auth_guard],
+        exception_handlers={Exception: error_response},
+        middleware=[request_context],
+        lifespan=[lifespan],
+        state=state,
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="aimass gateway", version="0.1.0", path="/docs"),
+        logging_config=None,
+    )
+
+
+def _generation(request: Request) -> GenerationService:
+    return request.app.state.generation

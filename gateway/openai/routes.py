@@ -1,0 +1,91 @@
+"""OpenAI-compatible routes: handlers of a few lines over `GenerationService`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from gateway.auth.schemas import KeyRecord
+from gateway.models.service import ModelManager
+from gateway.openai import schemas as api
+from gateway.openai.service import GenerationService
+from gateway.openai.validation import InvalidParameter, tokenize_input
+
+INFERENCE = {"scopes": ("inference",)}
+READ = {"scopes": ("inference", "models:read")}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _key(request: Request) -> KeyRecord | None:
+    return request.state.get("key")
+
+
+async def _generate(request: Request, data, service: GenerationService):
+    request.state["model"] = data.model
+    g = await service.start(data, _key(request))
+    if data.stream:
+        return Stream(
+            service.sse(g),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS | g.rate_headers,
+        )
+    return Response(await service.complete(g), headers=g.rate_headers)
+
+
+@post("/v1/completions", opt=INFERENCE, status_code=200, summary="Create a completion")
+async def completions(
+    request: Request, data: api.CompletionRequest, generation: GenerationService
+) -> Response[api.Completion] | Stream:
+    return await _generate(request, data, generation)
+
+
+@post("/v1/chat/completions", opt=INFERENCE, status_code=200, summary="Create a chat completion")
+async def chat_completions(
+    request: Request, data: api.ChatCompletionRequest, generation: GenerationService
+) -> Response[api.ChatCompletion] | Stream:
+    return await _generate(request, data, generation)
+
+
+@get("/v1/models", opt=READ, summary="List the models this gateway routes")
+async def list_models(models: ModelManager) -> api.ModelList:
+    registry = models.registry
+
+    def read() -> list[api.Model]:
+        found = []
+        for name in registry.models():
+            aliases = registry.aliases(name)
+            if "production" in aliases:
+                found.append(api.Model(id=name, created=_ts(aliases["production"])))
+            found += [api.Model(id=f"{name}@{a}", created=_ts(r)) for a, r in aliases.items()]
+        return found
+
+    return api.ModelList(data=await asyncio.to_thread(read))
+
+
+@post("/v1/tokenize", opt=READ, status_code=200, summary="Tokenize a prompt or chat messages")
+async def tokenize(data: api.TokenizeRequest, models: ModelManager) -> api.TokenizeResponse:
+    if data.model is None:
+        raise InvalidParameter("model", "model is required")
+    async with await models.acquire(data.model) as lease:
+        d = lease.deployment
+        source = tokenize_input(data)
+        if isinstance(source, str):
+            ids = d.tokenizer.encode(source, add_special_tokens=False).ids
+        else:
+            if d.chat_template is None:
+                raise InvalidParameter("messages", f"{d.ref} has no chat template")
+            text = d.chat_template.render(source, add_generation_prompt=data.add_generation_prompt)
+            ids = d.tokenizer.encode(text, add_special_tokens=False).ids
+        strs = [d.tokenizer.id_to_token(i) for i in ids] if data.return_token_strs else None
+        extra = {"token_strs": strs} if strs is not None else {}
+        return api.TokenizeResponse(count=len(ids), max_model_len=d.info.max_len, tokens=ids,
+                                    **extra)  # fmt: skip
+
+
+def _ts(record) -> int:
+    return int(record.updated_at.timestamp())
+
+
+ROUTES = [completions, chat_completions, list_models, tokenize]

@@ -1,0 +1,355 @@
+"""Completions and chat completions: a validated API request → an engine request → a response or
+a stream of server-sent events in OpenAI's chunk format.
+
+Order of checks, cheapest first, so a refused request costs nothing downstream:
+schema (msgspec) → unsupported parameters → route the model (may load it) → render and tokenize
+the prompt → bounds (prompt tokens, max_tokens against the context) → rate limits (reserve
+prompt + max_tokens × n tokens) → engine admission (queue full: 503). Once the engine accepted
+it, the reservation is settled to the tokens really used when the request ends, however it ends.
+A client that disconnects closes the stream, which aborts the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+
+from engine.errors import EngineDead
+from engine.outputs import RequestOutput
+from engine.request import EngineRequest
+from gateway.auth.schemas import KeyRecord
+from gateway.errors import RateLimited, TooLargeForLimit, classify
+from gateway.limits.schemas import LimitDecision, headers, refusal_message
+from gateway.limits.service import RateLimiter
+from gateway.metrics import GatewayMetrics
+from gateway.models.service import Deployment, Lease, ModelManager
+from gateway.openai import schemas as api
+from gateway.openai.chat_template import NoChatTemplate
+from gateway.openai.validation import (
+    InvalidParameter,
+    check_request,
+    include_usage,
+    prompt_inputs,
+    requested_max_tokens,
+    resolve_max_tokens,
+    stop_strings,
+    template_messages,
+    to_sampling,
+)
+
+log = logging.getLogger(__name__)
+AnyRequest = api.CompletionRequest | api.ChatCompletionRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    # the longest prompt accepted, in tokens (also bounded by each model's context)
+    max_prompt_tokens: int = 8192
+    # the most output tokens one choice may ask for (also bounded by the context left)
+    max_tokens: int = 4096
+    # default rate limits for keys that set none (None = unlimited)
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
+@dataclass
+class Generation:
+    """An accepted request: everything needed to answer it and to settle its accounting."""
+
+    request: AnyRequest
+    lease: Lease
+    stream: object  # engine.api.RequestStream
+    prompt_tokens: int
+    n: int
+    key_id: str
+    reserved: int
+    decision: LimitDecision | None
+    started: float
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.lease.deployment
+
+    @property
+    def rate_headers(self) -> dict[str, str]:
+        return headers(self.decision) if self.decision else {}
+
+
+class GenerationService:
+    def __init__(
+        self,
+        models: ModelManager,
+        limiter: RateLimiter,
+        metrics: GatewayMetrics,
+        limits: Limits,
+    ):
+        self.models, self.limiter, self.metrics, self.limits = models, limiter, metrics, limits
+
+    # ── accept ──
+
+    async def start(self, req: AnyRequest, key: KeyRecord | None) -> Generation:
+        """Everything up to the engine's acceptance; raises the errors of the status table."""
+        check_request(req)
+        key_id = key.key_id if key else "anonymous"
+        lease = await self.models.acquire(req.model, sticky=key.key_id if key else req.user)
+        if lease.cold_start:
+            self.metrics.cold_starts_total.labels(req.model).inc()
+        reserved, decision = 0, None
+        try:
+            d = lease.deployment
+            ids = self._prompt_ids(req, d)
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise InvalidParameter(
+                    _prompt_param(req),
+                    f"the prompt has {len(ids)} tokens; this gateway accepts at most "
+                    f"{self.limits.max_prompt_tokens}",
+                )
+            requested = requested_max_tokens(req)
+            if requested is not None and requested > self.limits.max_tokens:
+                raise InvalidParameter(
+                    "max_tokens",
+                    f"max_tokens = {requested} exceeds this gateway's limit of "
+                    f"{self.limits.max_tokens}",
+                )
+            default = min(
+                int(d.info.generation_defaults.get("max_tokens", 256)), self.limits.max_tokens
+            )
+            max_tokens = resolve_max_tokens(
+                requested, len(ids), d.info.max_len, default, prompt_name=_prompt_param(req)
+            )
+            sampling = to_sampling(req, d.info.generation_defaults)
+            n = sampling.n
+            reserved = len(ids) + max_tokens * n
+            decision = await self._check_limits(key, key_id, reserved)
+            request = EngineRequest(
+                request_id=uuid.uuid4().hex,
+                prompt_token_ids=tuple(ids),
+                max_tokens=max_tokens,
+                stop_token_ids=d.info.stop_ids,
+                sampling=sampling,
+                stop=stop_strings(req),
+            )
+            stream = await d.engine.submit(request)
+        except BaseException:
+            lease.release()
+            if decision is not None and decision.allowed:
+                await self.limiter.settle(key_id, reserved, 0)
+            raise
+        return Generation(
+            req, lease, stream, len(ids), n, key_id, reserved, decision, time.monotonic()
+        )
+
+    def _prompt_ids(self, req: AnyRequest, d: Deployment) -> list[int]:
+        if isinstance(req, api.ChatCompletionRequest):
+            if d.chat_template is None:
+                raise NoChatTemplate(
+                    f"{d.ref} has no chat template; use /v1/completions with a plain prompt"
+                )
+            text = d.chat_template.render(template_messages(req.messages))
+            return d.tokenizer.encode(text, add_special_tokens=False).ids
+        prompts = prompt_inputs(req)
+        if len(prompts) != 1:
+            raise InvalidParameter(
+                "prompt", f"{len(prompts)} prompts in one request; send one prompt per request"
+            )
+        prompt = prompts[0]
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < d.info.vocab_size]
+            if bad:
+                raise InvalidParameter(
+                    "prompt",
+                    f"token id {bad[0]} is outside the vocabulary (0..{d.info.vocab_size - 1})",
+                )
+            return prompt
+        ids = d.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            raise InvalidParameter("prompt", "the prompt is empty; it must hold at least a token")
+        return ids
+
+    async def _check_limits(
+        self, key: KeyRecord | None, key_id: str, tokens: int
+    ) -> LimitDecision | None:
+        rpm = key.requests_per_minute if key else None
+        tpm = key.tokens_per_minute if key else None
+        rpm = rpm if rpm is not None else self.limits.requests_per_minute
+        tpm = tpm if tpm is not None else self.limits.tokens_per_minute
+        if rpm is None and tpm is None:
+            return None
+        decision = await self.limiter.check_request(key_id, rpm, tpm, tokens)
+        if decision.never:
+            self.metrics.rate_limited_total.labels("too_large").inc()
+            raise TooLargeForLimit(refusal_message(decision))
+        if not decision.allowed:
+            self.metrics.rate_limited_total.labels(decision.reason or "requests").inc()
+            raise RateLimited(refusal_message(decision), decision.retry_after_s, headers(decision))
+        return decision
+
+    # ── answer ──
+
+    async def complete(self, g: Generation) -> api.Completion | api.ChatCompletion:
+        """Waits for every choice and builds the whole response."""
+        texts = [""] * g.n
+        tokens: list[list] = [[] for _ in range(g.n)]
+        finish: list[str | None] = [None] * g.n
+        completion = 0
+        try:
+            async for out in g.stream:
+                texts[out.index] += out.text
+                tokens[out.index] += out.logprobs or ()
+                if out.finished:
+                    finish[out.index] = out.finish_reason
+                    completion += out.completion_tokens
+                    self._observe(g, out)
+        finally:
+            await self._end(g, completion)
+        usage = api.Usage(g.prompt_tokens, completion, g.prompt_tokens + completion)
+        model = g.request.model
+        if isinstance(g.request, api.ChatCompletionRequest):
+            choices = [
+                api.ChatChoice(
+                    index=i,
+                    message=api.ChatMessage(content=texts[i]),
+                    logprobs=self._chat_logprobs(g, tokens[i]),
+                    finish_reason=finish[i],
+                )
+                for i in range(g.n)
+            ]
+            return api.ChatCompletion(model=model, choices=choices, usage=usage)
+        choices = [
+            api.CompletionChoice(
+                index=i,
+                text=texts[i],
+                logprobs=self._completion_logprobs(g, tokens[i]),
+                finish_reason=finish[i],
+            )
+            for i in range(g.n)
+        ]
+        return api.Completion(model=model, choices=choices, usage=usage)
+
+    async def sse(self, g: Generation) -> AsyncIterator[bytes]:
+        """The response as server-sent events; always ends with `data: [DONE]`, even when the
+        engine dies mid-stream (an error event comes first). Closing it aborts the request."""
+        chat = isinstance(g.request, api.ChatCompletionRequest)
+        rid = api.new_id("chatcmpl" if chat else "cmpl")
+        created, model = api.now(), g.request.model
+        usage_on = include_usage(g.request)
+        completion = 0
+        enc = msgspec.json.encode
+        try:
+            if chat:  # OpenAI opens each choice with the role
+                for i in range(g.n):
+                    delta = api.ChatDelta(role="assistant", content="")
+                    yield _event(enc(self._chat_chunk(rid, created, model, i, delta, None,
+                                                      None, usage_on)))  # fmt: skip
+            async for out in g.stream:
+                if out.finished:
+                    completion += out.completion_tokens
+                    self._observe(g, out)
+                if not out.text and not out.finished:
+                    continue
+                if chat:
+                    delta = api.ChatDelta(content=out.text) if out.text else api.ChatDelta()
+                    logprobs = self._chat_logprobs(g, out.logprobs or ())
+                    chunk = self._chat_chunk(
+                        rid, created, model, out.index, delta, logprobs, out.finish_reason,
+                        usage_on,
+                    )  # fmt: skip
+                else:
+                    choice = api.CompletionChoice(
+                        index=out.index,
+                        text=out.text,
+                        logprobs=self._completion_logprobs(g, out.logprobs or ()),
+                        finish_reason=out.finish_reason,
+                    )
+                    chunk = api.CompletionChunk(
+                        id=rid, created=created, model=model, choices=[choice],
+                        **({"usage": None} if usage_on else {}),
+                    )  # fmt: skip
+                yield _event(enc(chunk))
+            if usage_on:
+                usage = api.Usage(g.prompt_tokens, completion, g.prompt_tokens + completion)
+                cls = api.ChatCompletionChunk if chat else api.CompletionChunk
+                yield _event(enc(cls(id=rid, created=created, model=model, choices=[],
+                                     usage=usage)))  # fmt: skip
+        except EngineDead as e:
+            log.error("engine failed mid-stream: %s", e)
+            self.metrics.engine_errors_total.labels(model, "dead").inc()
+            _, body, _ = classify(e)
+            yield _event(enc(body))
+        finally:
+            await self._end(g, completion)
+        yield b"data: [DONE]\n\n"
+
+    # ── helpers ──
+
+    async def _end(self, g: Generation, completion_tokens: int) -> None:
+        """However the request ended: close the stream (aborts it if unfinished), return the
+        lease, charge the tokens really used."""
+        try:
+            await g.stream.aclose()
+        finally:
+            g.lease.release()
+            if g.decision is not None:
+                await self.limiter.settle(g.key_id, g.reserved, g.prompt_tokens + completion_tokens)
+
+    def _observe(self, g: Generation, out: RequestOutput) -> None:
+        if out.timings is not None and out.finish_reason != "abort":
+            prompt = g.prompt_tokens if out.index == 0 else 0
+            self.metrics.observe_generation(
+                g.request.model, out.timings, prompt, out.completion_tokens
+            )
+
+    def _chat_chunk(self, rid, created, model, index, delta, logprobs, finish, usage_on):
+        choice = api.ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish
+        )
+        extra = {"usage": None} if usage_on else {}
+        return api.ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=[choice], **extra
+        )
+
+    def _token(self, d: Deployment, token_id: int) -> tuple[str, list[int]]:
+        raw = d.token_bytes[token_id]
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _chat_logprobs(self, g: Generation, logprobs) -> api.ChatLogprobs | None:
+        if not isinstance(g.request, api.ChatCompletionRequest) or not g.request.logprobs:
+            return None
+        d, content = g.deployment, []
+        for lp in logprobs:
+            text, raw = self._token(d, lp.token_id)
+            top = []
+            for tid, value in lp.top:
+                t, b = self._token(d, tid)
+                top.append(api.TopLogprob(token=t, logprob=value, bytes=b))
+            content.append(
+                api.TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=top)
+            )
+        return api.ChatLogprobs(content=content)
+
+    def _completion_logprobs(self, g: Generation, logprobs) -> api.CompletionLogprobs | None:
+        if not isinstance(g.request, api.CompletionRequest) or g.request.logprobs is None:
+            return None
+        d, out = g.deployment, api.CompletionLogprobs()
+        offset = 0
+        for lp in logprobs:
+            text, _ = self._token(d, lp.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token(d, t)[0]: v for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+
+def _event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+def _prompt_param(req: AnyRequest) -> str:
+    return "messages" if isinstance(req, api.ChatCompletionRequest) else "prompt"
