@@ -20,7 +20,7 @@ from pathlib import Path
 from litestar import Litestar, Request, Response, get
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -32,6 +32,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.models.service import ModelManager, ModelsConfig
 from gateway.openai.routes import ROUTES
 from gateway.openai.service import GenerationService, Limits
+from gateway.openai.validation import param_from_validation_error
 from registry.registry import Registry
 
 log = logging.getLogger("aimass.gateway")
@@ -101,7 +102,15 @@ def error_response(request: Request, exc: Exception) -> Response:
         extra = exc.extra if isinstance(exc.extra, list) else []
         first = extra[0] if extra else {}
         message = first.get("message", exc.detail) if isinstance(first, dict) else exc.detail
-        param = first.get("key") if isinstance(first, dict) else None
+        key = first.get("key") if isinstance(first, dict) else None
+        if key == "data" and message == "'data'":
+            # no body at all: litestar names the missing handler argument, nothing more
+            message = "the request has no body; send the request as a JSON object"
+        # litestar's key is the path of the value at fault, "data" for the body itself; for an
+        # unknown or missing field that is the parent object, and the message names the field
+        parent = key if key != "data" else None
+        field = param_from_validation_error(str(message))
+        param = ".".join(p for p in (parent, field) if p) or None
         message = f"{param}: {message}" if param else message
         status, payload, headers = 400, body(message, "invalid_request_error", param,
                                              "invalid_value"), {}  # fmt: skip
@@ -194,7 +203,7 @@ async def healthz() -> dict:
 
 
 @get("/readyz", summary="Readiness: registry reachable, no load in progress, engines healthy")
-async def readyz(models: ModelManager) -> Response:
+async def readyz(models: NamedDependency[ModelManager]) -> Response:
     problems = []
     try:
         import asyncio
@@ -216,7 +225,7 @@ async def readyz(models: ModelManager) -> Response:
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics_route(request: Request, models: ModelManager) -> Response:
+async def metrics_route(request: Request, models: NamedDependency[ModelManager]) -> Response:
     metrics: GatewayMetrics = request.app.state.metrics
     for d in models.deployments:
         with contextlib.suppress(Exception):

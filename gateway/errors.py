@@ -16,6 +16,7 @@ nowhere else.
     ModelLoading (load outlasted the wait)   503     server_error            model_loading (+Retry-After)
     ModelUnavailable, EngineDead             503     server_error            engine_unavailable
     LimiterUnavailable                       503     server_error            limiter_unavailable
+    ClientDisconnected (hung up, no answer)  499     invalid_request_error   client_disconnected
     anything else                            500     server_error            internal_error (logged)
 
 Litestar's own HTTP errors (404 route, 405, 413 body too large) get the same shape.
@@ -78,6 +79,16 @@ class RateLimited(GatewayError):
 class TooLargeForLimit(GatewayError):
     status, type, code = 400, "invalid_request_error", "tokens_exceed_limit"
     param = "max_tokens"
+
+
+class ClientDisconnected(GatewayError):
+    """The client hung up before its answer was ready; its generation was aborted. Nobody reads
+    the answer: 499 (nginx's "client closed request") is for the access log and metrics."""
+
+    status, type, code = 499, "invalid_request_error", "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the answer was ready")
 
 
 def classify(exc: BaseException) -> tuple[int, dict, dict[str, str]]:

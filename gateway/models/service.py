@@ -146,6 +146,12 @@ class ModelManager:
     def deployments(self) -> list[Deployment]:
         return list(self._deployments.values())
 
+    def routed(self, model: str) -> bool:
+        """Whether `model`, spelled as a request spelled it, resolved to a version here. Such a
+        name comes from the registry, so it may label metrics; any other string is whatever a
+        client sent, and each distinct label value would be a time series kept forever."""
+        return model in self._routes
+
     def ready(self) -> bool:
         """Nothing is loading; every loaded deployment is usable (checked by health())."""
         return not self._loads
@@ -159,6 +165,15 @@ class ModelManager:
         NAME:VERSION. `sticky` (the caller's key) keeps one caller on one side of a canary."""
         name, version = await self._route(model, sticky)
         deployment = self._deployments.get((name, version))
+        if deployment is not None and not deployment.remote:
+            health = await deployment.engine.health()
+            if health.status == "dead":
+                # its runtime failed and it never serves again; busy, it would never go idle
+                # long enough to be reaped: replace it now (a remote one reconnects by itself)
+                log.error("%s: the engine is dead (%s); loading it again", deployment.ref,
+                          health.detail)  # fmt: skip
+                await self._unload(deployment)
+                deployment = None
         if deployment is not None:
             return Lease(deployment, cold_start=False)
         task = self._loads.get((name, version))
@@ -367,14 +382,21 @@ class ReplicaSet:
         )
         last: Exception | None = None
         for replica in order:
+            key = id(replica)
+            # outstanding from the moment it is chosen: requests choosing while this one waits
+            # for the server's answer must see it, or a burst all lands on one replica
+            self._outstanding[key] += 1
             try:
                 stream = await replica.submit(request)
-            except EngineDead as e:
-                self._healthy[id(replica)] = False
+            except BaseException as e:
+                self._outstanding[key] -= 1
+                if not isinstance(e, EngineDead):
+                    raise
+                self._healthy[key] = False
                 last = e
                 continue
-            self._healthy[id(replica)] = True
-            return _Counted(stream, self._outstanding, id(replica))
+            self._healthy[key] = True
+            return _Counted(stream, self._outstanding, key)
         raise last or EngineDead("no engine server replica")
 
     async def abort(self, request_id: str) -> bool:
@@ -407,12 +429,12 @@ class ReplicaSet:
 
 
 class _Counted:
-    """A stream that counts as outstanding on its replica until it ends."""
+    """A stream that counts as outstanding on its replica (from `ReplicaSet.submit`) until it
+    ends."""
 
     def __init__(self, stream, outstanding: dict[int, int], key: int):
         self._stream, self._outstanding, self._key = stream, outstanding, key
         self.request_id = stream.request_id
-        outstanding[key] += 1
         self._done = False
 
     async def __aiter__(self):

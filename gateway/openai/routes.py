@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from litestar.response import Stream
 
 from gateway.auth.schemas import KeyRecord
+from gateway.errors import ClientDisconnected
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.service import GenerationService
@@ -16,6 +21,7 @@ from gateway.openai.validation import InvalidParameter, tokenize_input
 INFERENCE = {"scopes": ("inference",)}
 READ = {"scopes": ("inference", "models:read")}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
 
 
 def _key(request: Request) -> KeyRecord | None:
@@ -23,33 +29,68 @@ def _key(request: Request) -> KeyRecord | None:
 
 
 async def _generate(request: Request, data, service: GenerationService):
-    request.state["model"] = data.model
-    g = await service.start(data, _key(request))
+    try:
+        g = await service.start(data, _key(request))
+    finally:
+        # the access log's and metrics' model label: only a name the registry resolved (an
+        # unknown name is the client's free text, and would be a new time series each time)
+        if service.models.routed(data.model):
+            request.state["model"] = data.model
     if data.stream:
         return Stream(
             service.sse(g),
             media_type="text/event-stream",
             headers=SSE_HEADERS | g.rate_headers,
         )
-    return Response(await service.complete(g), headers=g.rate_headers)
+    return Response(await _unless_hung_up(request, service.complete(g)), headers=g.rate_headers)
+
+
+async def _unless_hung_up(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, unless the client hangs up first: then `work` is cancelled, which
+    aborts its generation (ASGI servers do not cancel a handler whose client left, and a slot
+    would decode a whole answer nobody reads)."""
+    task = asyncio.ensure_future(work)
+    hung_up = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, hung_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hung_up.cancel()
+        if not task.done():
+            task.cancel()
+            # its clean-up (abort, lease, rate-limit settlement) finishes before we answer
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone; the body was read already, so `receive` has nothing
+    else to say (ASGI: "http.disconnect" once the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @post("/v1/completions", opt=INFERENCE, status_code=200, summary="Create a completion")
 async def completions(
-    request: Request, data: api.CompletionRequest, generation: GenerationService
+    request: Request,
+    data: JSONBody[api.CompletionRequest],
+    generation: NamedDependency[GenerationService],
 ) -> Response[api.Completion] | Stream:
     return await _generate(request, data, generation)
 
 
 @post("/v1/chat/completions", opt=INFERENCE, status_code=200, summary="Create a chat completion")
 async def chat_completions(
-    request: Request, data: api.ChatCompletionRequest, generation: GenerationService
+    request: Request,
+    data: JSONBody[api.ChatCompletionRequest],
+    generation: NamedDependency[GenerationService],
 ) -> Response[api.ChatCompletion] | Stream:
     return await _generate(request, data, generation)
 
 
 @get("/v1/models", opt=READ, summary="List the models this gateway routes")
-async def list_models(models: ModelManager) -> api.ModelList:
+async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
     registry = models.registry
 
     def read() -> list[api.Model]:
@@ -65,7 +106,9 @@ async def list_models(models: ModelManager) -> api.ModelList:
 
 
 @post("/v1/tokenize", opt=READ, status_code=200, summary="Tokenize a prompt or chat messages")
-async def tokenize(data: api.TokenizeRequest, models: ModelManager) -> api.TokenizeResponse:
+async def tokenize(
+    data: JSONBody[api.TokenizeRequest], models: NamedDependency[ModelManager]
+) -> api.TokenizeResponse:
     if data.model is None:
         raise InvalidParameter("model", "model is required")
     async with await models.acquire(data.model) as lease:

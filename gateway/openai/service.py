@@ -6,11 +6,13 @@ schema (msgspec) → unsupported parameters → route the model (may load it) �
 the prompt → bounds (prompt tokens, max_tokens against the context) → rate limits (reserve
 prompt + max_tokens × n tokens) → engine admission (queue full: 503). Once the engine accepted
 it, the reservation is settled to the tokens really used when the request ends, however it ends.
-A client that disconnects closes the stream, which aborts the request and frees its slot.
+A client that disconnects closes the stream, which aborts the request and frees its slot (a
+non-streamed request is cancelled by its route to the same effect).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -89,6 +91,7 @@ class GenerationService:
         limits: Limits,
     ):
         self.models, self.limiter, self.metrics, self.limits = models, limiter, metrics, limits
+        self._settling: set[asyncio.Task] = set()  # rate-limit settlements under way
 
     # ── accept ──
 
@@ -130,7 +133,7 @@ class GenerationService:
                 request_id=uuid.uuid4().hex,
                 prompt_token_ids=tuple(ids),
                 max_tokens=max_tokens,
-                stop_token_ids=d.info.stop_ids,
+                stop_token_ids=() if req.ignore_eos else d.info.stop_ids,
                 sampling=sampling,
                 stop=stop_strings(req),
             )
@@ -196,17 +199,18 @@ class GenerationService:
         texts = [""] * g.n
         tokens: list[list] = [[] for _ in range(g.n)]
         finish: list[str | None] = [None] * g.n
-        completion = 0
+        used = [0] * g.n  # output tokens of each choice so far
         try:
             async for out in g.stream:
                 texts[out.index] += out.text
                 tokens[out.index] += out.logprobs or ()
+                used[out.index] = out.completion_tokens
                 if out.finished:
                     finish[out.index] = out.finish_reason
-                    completion += out.completion_tokens
                     self._observe(g, out)
         finally:
-            await self._end(g, completion)
+            await self._end(g, sum(used))
+        completion = sum(used)
         usage = api.Usage(g.prompt_tokens, completion, g.prompt_tokens + completion)
         model = g.request.model
         if isinstance(g.request, api.ChatCompletionRequest):
@@ -238,7 +242,8 @@ class GenerationService:
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         created, model = api.now(), g.request.model
         usage_on = include_usage(g.request)
-        completion = 0
+        # output tokens of each choice so far: a client that hangs up is charged for them too
+        used = [0] * g.n
         enc = msgspec.json.encode
         try:
             if chat:  # OpenAI opens each choice with the role
@@ -247,8 +252,8 @@ class GenerationService:
                     yield _event(enc(self._chat_chunk(rid, created, model, i, delta, None,
                                                       None, usage_on)))  # fmt: skip
             async for out in g.stream:
+                used[out.index] = out.completion_tokens
                 if out.finished:
-                    completion += out.completion_tokens
                     self._observe(g, out)
                 if not out.text and not out.finished:
                     continue
@@ -272,6 +277,7 @@ class GenerationService:
                     )  # fmt: skip
                 yield _event(enc(chunk))
             if usage_on:
+                completion = sum(used)
                 usage = api.Usage(g.prompt_tokens, completion, g.prompt_tokens + completion)
                 cls = api.ChatCompletionChunk if chat else api.CompletionChunk
                 yield _event(enc(cls(id=rid, created=created, model=model, choices=[],
@@ -282,7 +288,7 @@ class GenerationService:
             _, body, _ = classify(e)
             yield _event(enc(body))
         finally:
-            await self._end(g, completion)
+            await self._end(g, sum(used))
         yield b"data: [DONE]\n\n"
 
     # ── helpers ──
@@ -295,7 +301,15 @@ class GenerationService:
         finally:
             g.lease.release()
             if g.decision is not None:
-                await self.limiter.settle(g.key_id, g.reserved, g.prompt_tokens + completion_tokens)
+                # A client that hangs up cancels the task this runs in (the stream's), and keeps
+                # cancelling each await: the settlement runs as a task of its own, shielded, or
+                # the key would keep paying for all the tokens reserved (Redis: a round trip).
+                settle = asyncio.ensure_future(
+                    self.limiter.settle(g.key_id, g.reserved, g.prompt_tokens + completion_tokens)
+                )
+                self._settling.add(settle)  # the loop holds tasks weakly
+                settle.add_done_callback(self._settling.discard)
+                await asyncio.shield(settle)
 
     def _observe(self, g: Generation, out: RequestOutput) -> None:
         if out.timings is not None and out.finish_reason != "abort":

@@ -43,8 +43,9 @@ _FIELD_ERROR = re.compile(r"(?:unknown|missing required) field `([^`]+)`(?: - at
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
 
 
-def param_from_validation_error(err: msgspec.ValidationError) -> str | None:
-    """The field a msgspec decode error points at, in OpenAI's `param` style, or None:
+def param_from_validation_error(err: msgspec.ValidationError | str) -> str | None:
+    """The field a msgspec decode error (or its message) points at, in OpenAI's `param`
+    style, or None:
 
     "Expected `float` <= 2.0 - at `$.temperature`"  -> "temperature"
     "Expected `str` - at `$.messages[0].role`"       -> "messages[0].role"
