@@ -833,6 +833,9 @@ def format_report(r: dict) -> str:
     def cell(x, w=9, fmt="{:.1f}"):
         return f"{fmt.format(x):>{w}}" if x is not None else f"{'-':>{w}}"
 
+    def ratio(x, w):
+        return f"{x:.2f}x".rjust(w) if x is not None else "-".rjust(w)
+
     m, a = r["machine"], r["args"]
     lines = [
         f"engine benchmark: {a['checkpoint']}, {a['threads']} threads, {a['rounds']} rounds "
@@ -848,7 +851,7 @@ def format_report(r: dict) -> str:
             for n, s in r["static_batches"].items()
         ),
         "",
-        f"{'':40} {'ours':>9} {'genai':>9} {'HF':>9} {'ours/genai':>11} {'target':>8}"
+        f"{'':44} {'ours':>9} {'genai':>9} {'HF':>9} {'ours/genai':>11} {'target':>10}"
         f" {'ours/HF':>9}",
     ]
     for row in r["rows"]:
@@ -858,9 +861,9 @@ def format_report(r: dict) -> str:
             met = row.get("met")
             target = f"{op}{bound:g} " + ("ok" if met else "MISS" if met is not None else "")
         lines.append(
-            f"{row['label']:40} {cell(row['ours'])} {cell(row['genai'])} "
-            f"{cell(row['transformers'])} {cell(row['ratio'], 10, '{:.2f}')}x {target:>8}"
-            f" {cell(row['ratio_transformers'], 8, '{:.2f}')}x"
+            f"{row['label']:44} {cell(row['ours'])} {cell(row['genai'])} "
+            f"{cell(row['transformers'])} {ratio(row['ratio'], 11)} {target:>10}"
+            f" {ratio(row['ratio_transformers'], 9)}"
         )
     lines.append("ratios: tok/s ours/other (>1: ours faster); TTFT ours/other (<1: ours faster)")
     if r["roofline"]:
@@ -913,7 +916,7 @@ def format_report(r: dict) -> str:
                     f"{statistics.median(mx):.0f} ms"
                 )
         if parts:
-            lines.append(f"ours under load, {n} streams: " + "; ".join(parts))
+            lines.append(f"ours, {n} stream{'s' * (n > 1)} (AsyncEngine): " + "; ".join(parts))
     for note in r["notes"]:
         lines.append(f"note: {note}")
     if r["profile"]:

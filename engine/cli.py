@@ -27,7 +27,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
     p.add_argument("--slots", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-len", type=int, help="tokens per slot (default: the target's)")
-    p.add_argument("--token-budget", type=int, default=512, help="tokens per step")
+    p.add_argument("--token-budget", type=int, default=256, help="tokens per step")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests at most")
 
 

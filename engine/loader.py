@@ -38,7 +38,7 @@ class EngineConfig:
     # tokens per slot; None takes the artifact's max_len. The cache is n_slots × max_len
     max_len: int | None = None
     # tokens per step shared by prefill chunks and decodes
-    token_budget: int = 512
+    token_budget: int = 256
     # requests queued beyond the slots before Overloaded
     max_waiting: int = 256
     # the Retry-After hint when overloaded

@@ -94,10 +94,14 @@ class EngineServer:
             try:
                 async for out in stream:
                     await send(Output(out))
+            except ConnectionError:
+                pass  # the client is gone; closing the stream (below) aborts the request
             except Exception as e:  # EngineDead: tell the client, as an error event
-                await send(Output(_error_output(rid, f"{type(e).__name__}: {e}")))
+                with contextlib.suppress(ConnectionError):
+                    await send(Output(_error_output(rid, f"{type(e).__name__}: {e}")))
             finally:
                 tasks.pop(rid, None)
+                await stream.aclose()  # a no-op once it finished
 
         tasks[rid] = asyncio.create_task(forward())
 

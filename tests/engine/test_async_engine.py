@@ -54,9 +54,18 @@ def tok(tiny_package) -> Tokenizer:
 
 
 @contextlib.asynccontextmanager
-async def engine_under_test(pkg, kind: str, config: EngineConfig = CONFIG):
-    """An in-process engine, or the same behind an engine server and a RemoteEngine."""
+async def engine_under_test(pkg, kind: str, config: EngineConfig = CONFIG, step_s: float = 0):
+    """An in-process engine, or the same behind an engine server and a RemoteEngine. `step_s`
+    slows every step down, for tests whose timing must not depend on the machine's speed."""
     engine = load_engine(pkg, config)
+    if step_s:
+        execute = engine.core.execute
+
+        def slow(plan):
+            time.sleep(step_s)
+            return execute(plan)
+
+        engine.core.execute = slow
     if kind == "local":
         try:
             yield engine
@@ -106,7 +115,7 @@ def test_admission_errors_reach_the_caller_before_any_output(tiny_package, tok, 
     config = EngineConfig(n_slots=1, threads=1, max_waiting=1, retry_after_s=3.0, max_len=64)
 
     async def main():
-        async with engine_under_test(tiny_package, kind, config) as engine:
+        async with engine_under_test(tiny_package, kind, config, step_s=0.02) as engine:
             with pytest.raises(ContextOverflow, match="more than the 64"):
                 await engine.submit(EngineRequest("big", (5,) * 40, 30))
             long = await engine.submit(req(tok, "a", "Return the", 50, temperature=0))

@@ -88,6 +88,7 @@ def test_seeded_request_is_the_same_alone_or_batched():
         min_p=0.01,
         repetition_penalty=1.2,
         frequency_penalty=0.3,
+        logprobs=2,
     )
     others = [
         SamplingParams(temperature=1.3),
@@ -140,8 +141,9 @@ def test_logprobs_are_raw_log_softmax_with_sorted_alternatives():
     raw = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     assert out.tokens.shape == out.logprobs.shape == (4,)
     # before penalties and temperature: the model's own score of the chosen token
-    np.testing.assert_allclose(out.logprobs, raw[np.arange(4), out.tokens], rtol=1e-5)
-    assert out.top_logprobs[1] is None
+    asked = [0, 2, 3]  # row 1 asked for none: its logprob is not computed
+    np.testing.assert_allclose(out.logprobs[asked], raw[asked, out.tokens[asked]], rtol=1e-5)
+    assert out.logprobs[1] == 0 and out.top_logprobs[1] is None
     for row, n in ((0, 5), (2, V), (3, 1)):
         ids, lps = out.top_logprobs[row]
         assert ids.shape == lps.shape == (n,)
