@@ -123,6 +123,8 @@ class OrtRunner:
                 self.kv[f"{kind}_{i}"] = value
         self.binding = self.session.io_binding()
         self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
+        self._inputs: dict[tuple[int, int, int], _Inputs] = {}  # decode shapes, by (B, 1, N)
+        self._bound_inputs: _Inputs | None = None
         self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
 
@@ -161,11 +163,21 @@ class OrtRunner:
         if not S <= total <= self.max_len:
             raise ValueError(f"total length {total} must be in S={S}..max_len={self.max_len}")
         b = self.binding
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        b.bind_cpu_input("seqlens_k", seqlens_k)
-        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        b.bind_cpu_input("logits_idx", np.ascontiguousarray(logits_idx, dtype=np.int64))
+        key = (B, S, len(logits_idx))
+        inputs = self._inputs.get(key)
+        if inputs is None:  # decode shapes are bound once; a step only writes into them
+            inputs = _Inputs(*key)
+            if S == 1:  # prompt shapes vary too much to keep
+                self._inputs[key] = inputs
+        if inputs is not self._bound_inputs:
+            for name, value in inputs.ortvalues.items():
+                b.bind_ortvalue_input(name, value)
+            self._bound_inputs = inputs
+        inputs.arrays["input_ids"][...] = input_ids
+        inputs.arrays["position_ids"][...] = positions
+        inputs.arrays["seqlens_k"][...] = seqlens_k
+        inputs.arrays["total_sequence_length"][...] = total
+        inputs.arrays["logits_idx"][...] = logits_idx
         if (rows.start, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
             shape = (B, *self._row_shape)
             offset = rows.start * self._row_bytes
@@ -254,6 +266,22 @@ class OrtRunner:
         rows = range(chunk.slot, chunk.slot + 1)
         logits = self.forward(ids, positions, np.array([start + n - 1]), np.array([n - 1]), rows)
         return ([chunk.request_id], logits) if chunk.sample else ([], logits[:0])
+
+
+class _Inputs:
+    """The graph's small inputs for one (B, S, N) shape, as numpy arrays shared with the
+    OrtValues bound to them: a step writes values in place and binds nothing (binding five
+    arrays each step costs ~0.15 ms, 1–2% of a batch-1 decode step)."""
+
+    def __init__(self, B: int, S: int, N: int):
+        self.arrays = {
+            "input_ids": np.zeros((B, S), np.int64),
+            "position_ids": np.zeros((B, S), np.int64),
+            "seqlens_k": np.zeros(B, np.int32),
+            "total_sequence_length": np.zeros((), np.int32),
+            "logits_idx": np.zeros(N, np.int64),
+        }
+        self.ortvalues = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
 
 
 def _padding_bounded(run: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
