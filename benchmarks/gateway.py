@@ -36,12 +36,12 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-len", type=int, default=512, help="the package's context")
     ap.add_argument("--work", type=Path, help="built packages, reused (default $AIMASS_HOME/bench)")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument(
+        "--spin-wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ONNX Runtime's threads spin between forwards (both servers of ours alike)",
+    )
     ap.add_argument("--quick", action="store_true", help="clients 1,4, 1 request, 32 tokens")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args(argv)
@@ -110,6 +116,7 @@ class Gateway:
             "--threads", str(args.threads), "--slots", str(args.slots),
             "--max-waiting", "1024", "--rpm", "100000", "--tpm", "100000000",
             "--idle-unload", str(idle_unload),
+            "--spin-wait" if args.spin_wait else "--no-spin-wait",
         ]  # fmt: skip
         with open(home / "gateway.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -131,6 +138,8 @@ class LlamaCppServer:
             sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
             str(self.port), "--n_threads", str(args.threads), "--n_threads_batch",
             str(args.threads), "--n_ctx", str(args.max_len), "--verbose", "false",
+            # by default a new request interrupts the one streaming: queue them instead
+            "--interrupt_requests", "false",
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.url + "/v1/models", self.proc)
@@ -160,7 +169,7 @@ async def http_client(url, headers, body_for, n_requests, out, tokens_field) -> 
         for _ in range(n_requests):
             body = body_for()
             sent = time.perf_counter()
-            first, count = None, 0
+            first, count, chunks = None, 0, 0
             async with client.stream("POST", url, json=body, headers=headers) as r:
                 if r.status_code != 200:
                     raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
@@ -173,11 +182,13 @@ async def http_client(url, headers, body_for, n_requests, out, tokens_field) -> 
                     for choice in chunk.get("choices", []):
                         if choice.get("text"):
                             first = first or time.perf_counter()
+                            chunks += 1
                     usage = chunk.get("usage")
                     if usage:
                         count = usage["completion_tokens"]
-            out.append({"ttft": (first or time.perf_counter()) - sent, "tokens": count,
-                        "end": time.perf_counter()})  # fmt: skip
+            # a server without usage in streams (llama-cpp-python's) sends a token per chunk
+            out.append({"ttft": (first or time.perf_counter()) - sent,
+                        "tokens": count or chunks, "end": time.perf_counter()})  # fmt: skip
 
 
 async def run_http(url: str, headers: dict, n_clients: int, args, body_extra: dict,
@@ -236,8 +247,9 @@ async def inprocess(package: Path, tokenizer, n: int, args, text: str) -> dict:
     from engine.loader import EngineConfig, load_engine
 
     config = EngineConfig(
-        target="onnx-int4", n_slots=args.slots, threads=args.threads, max_waiting=1024
-    )
+        target="onnx-int4", n_slots=args.slots, threads=args.threads, max_waiting=1024,
+        spin_wait=args.spin_wait,
+    )  # fmt: skip
     engine = load_engine(package, config)
     try:
         await run_inprocess(engine, tokenizer, 2, args, text)  # warm-up
@@ -297,8 +309,10 @@ def main(argv=None) -> int:
     notes: list[str] = []
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
+    home = work / "gateway-home"  # kept after the run: its gateway.log says what happened
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    if True:
         registry = Registry.open(str(home / "registry"))
         version = registry.push(package, MODEL).version
         registry.set_alias(MODEL, "production", version)

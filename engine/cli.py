@@ -29,6 +29,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, help="tokens per slot (default: the target's)")
     p.add_argument("--token-budget", type=int, default=256, help="tokens per step")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests at most")
+    p.add_argument(
+        "--spin-wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ONNX Runtime threads spin between parallel sections (--no-spin-wait frees the "
+        "cores for the HTTP server on a small machine)",
+    )
 
 
 def engine_config(args: argparse.Namespace):
@@ -42,6 +49,7 @@ def engine_config(args: argparse.Namespace):
         max_len=args.max_len,
         token_budget=args.token_budget,
         max_waiting=args.max_waiting,
+        spin_wait=args.spin_wait,
     )
 
 

@@ -33,6 +33,9 @@ class EngineConfig:
     provider: str = "cpu"
     # ONNX Runtime intra-op threads; None lets it use every core
     threads: int | None = None
+    # ONNX Runtime's worker threads spin between parallel sections (lower latency when the
+    # engine has the cores to itself; off leaves them to the HTTP server on a small machine)
+    spin_wait: bool = True
     # sequences decoded together (KV cache rows)
     n_slots: int = 32
     # tokens per slot; None takes the artifact's max_len. The cache is n_slots × max_len
@@ -117,6 +120,7 @@ def open_core(
             max_len,
             threads=config.threads,
             provider=config.provider,
+            spin_wait=config.spin_wait,
         )
     except ProviderUnavailable as e:
         raise LoadError(str(e)) from None

@@ -84,6 +84,7 @@ class OrtRunner:
         *,
         threads: int | None = None,
         provider: str = "cpu",
+        spin_wait: bool = True,
     ):
         if n_slots < 1:
             raise ValueError(f"n_slots={n_slots} must be >= 1")
@@ -91,6 +92,9 @@ class OrtRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # spinning worker threads answer the next parallel section sooner but hold their cores
+        # between forwards, from the Python of the step and from anything else on the machine
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         providers = check_provider(provider)
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]

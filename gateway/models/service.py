@@ -16,6 +16,7 @@ loading it here; requests go to the healthy replica with the fewest outstanding 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -335,7 +336,12 @@ class ModelManager:
             self._on_unload(deployment)
 
     async def reap(self) -> None:
-        """One pass: unload drained retired versions and idle ones."""
+        """One pass: health-check remote replicas (a failed one rejoins once it answers), then
+        unload drained retired versions and idle ones."""
+        for d in list(self._deployments.values()):
+            if d.remote:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(d.engine.health(), self.config.reap_every_s)
         now = time.monotonic()
         for d in list(self._deployments.values()):
             if d.in_flight:
