@@ -17,49 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
 
 from engine.core import EngineCore
 from engine.errors import EngineDead
 from engine.outputs import EngineInfo, EngineStats, Health, RequestOutput
 from engine.request import EngineRequest
+from engine.stream import OutputStream
 
 log = logging.getLogger(__name__)
-
-
-class _Stream:
-    """The caller's side of one request: outputs in order; the last one has finish_reason for
-    every choice. Closing it early aborts the request."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, n: int):
-        self.request_id = request_id
-        self._engine = engine
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._open_choices = n
-        self._closed = False
-
-    def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while self._open_choices > 0:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    self._open_choices -= 1
-                yield item
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._open_choices > 0:
-            await self._engine.abort(self.request_id)
-        self._engine._forget(self.request_id)
 
 
 class AsyncEngine:
@@ -67,7 +32,7 @@ class AsyncEngine:
         self.core, self.info = core, info
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -93,11 +58,11 @@ class AsyncEngine:
 
     # ── the API ──
 
-    async def submit(self, request: EngineRequest) -> _Stream:
+    async def submit(self, request: EngineRequest) -> OutputStream:
         if self._thread is None:
             self.start()
         self._check_alive()
-        stream = _Stream(self, request.request_id, request.sampling.n)
+        stream = OutputStream(request.request_id, request.sampling.n, self.abort, self._forget)
         with self._wake:
             self.core.add(request)  # raises Overloaded / ContextOverflow / InvalidRequest
             self._streams[request.request_id] = stream
@@ -161,11 +126,11 @@ class AsyncEngine:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream._put(out)
+                stream.put(out)
 
     def _fail_all(self, error: EngineDead) -> None:
         for stream in list(self._streams.values()):
-            stream._put(error)
+            stream.put(error)
         self._streams.clear()
 
     def _forget(self, request_id: str) -> None:

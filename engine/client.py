@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
 
 from engine.errors import ContextOverflow, EngineDead, EngineError, InvalidRequest, Overloaded
-from engine.outputs import EngineInfo, EngineStats, Health, RequestOutput
+from engine.outputs import EngineInfo, EngineStats, Health
 from engine.protocol import (
     Abort,
     Accepted,
@@ -27,37 +26,7 @@ from engine.protocol import (
     server_decoder,
 )
 from engine.request import EngineRequest
-
-
-class _RemoteStream:
-    def __init__(self, engine: RemoteEngine, request_id: str, n: int):
-        self.request_id = request_id
-        self._engine = engine
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._open_choices = n
-        self._closed = False
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while self._open_choices > 0:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason == "error":
-                    raise EngineDead(item.error or "the engine server failed")
-                if item.finish_reason is not None:
-                    self._open_choices -= 1
-                yield item
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._engine._streams.pop(self.request_id, None)
-        if self._open_choices > 0:
-            await self._engine.abort(self.request_id)
+from engine.stream import OutputStream
 
 
 class RemoteEngine:
@@ -68,7 +37,7 @@ class RemoteEngine:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._calls: dict[int, asyncio.Future] = {}
-        self._streams: dict[str, _RemoteStream] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._ids = itertools.count()
         self._connect_lock = asyncio.Lock()
         self._lost: str | None = None  # why the last connection ended
@@ -94,10 +63,15 @@ class RemoteEngine:
         self.info = reply.info
         return self
 
-    async def submit(self, request: EngineRequest) -> _RemoteStream:
+    async def submit(self, request: EngineRequest) -> OutputStream:
         await self.connect()
         call_id = next(self._ids)
-        stream = _RemoteStream(self, request.request_id, request.sampling.n)
+        stream = OutputStream(
+            request.request_id,
+            request.sampling.n,
+            self.abort,
+            lambda rid: self._streams.pop(rid, None),
+        )
         self._streams[request.request_id] = stream
         reply = await self._send_and_wait(call_id, Submit(call_id, request))
         if isinstance(reply, Rejected):
@@ -159,7 +133,7 @@ class RemoteEngine:
                 if isinstance(message, Output):
                     stream = self._streams.get(message.output.request_id)
                     if stream is not None:
-                        stream._queue.put_nowait(message.output)
+                        stream.put(message.output)
                 else:
                     future = self._calls.pop(message.call_id, None)
                     if future is not None and not future.done():
@@ -183,7 +157,7 @@ class RemoteEngine:
                 future.set_exception(dead)
         self._calls.clear()
         for stream in self._streams.values():
-            stream._queue.put_nowait(dead)
+            stream.put(dead)
         self._streams.clear()
 
 

@@ -152,7 +152,7 @@ class EngineCore:
             if choice.scheduled is None:
                 choice.scheduled = plan.started
         ids, logits = ran
-        states = [self._state(cid) for cid in ids]
+        states = [self.scheduler.state(cid) for cid in ids]
         sampled: dict[str, int | None] = {c.request_id: None for c in step.chunks}
         result = None
         if ids:
@@ -220,9 +220,6 @@ class EngineCore:
         return tokens / span if span > 0 else 0.0
 
     # ── internals ──
-
-    def _state(self, cid: str) -> RequestState:
-        return self.scheduler._states[cid]  # noqa: SLF001 - read-only, same package
 
     def _final(
         self,

@@ -107,6 +107,10 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    def state(self, request_id: str) -> RequestState:
+        """A waiting or running request's state (KeyError once it finished)."""
+        return self._states[request_id]
+
     def has_unfinished(self) -> bool:
         return bool(self._states)
 
