@@ -61,6 +61,8 @@ test-all: venv
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/export_step.py
+	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/gateway.py
 
 lint: venv
 	$(BIN)/ruff check .
