@@ -99,7 +99,6 @@ def test_join_and_leave_at_every_step_changes_nobodys_output(tiny_package, token
         )
 
 
-@pytest.mark.slow
 def test_random_arrivals_lengths_and_aborts_match_each_request_alone(tiny_package, tokenizer):
     """100 requests with random prompts, lengths, sampling settings, arrival steps and aborts;
     every request that was not aborted must produce exactly its output when run alone."""
