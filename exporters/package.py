@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -171,40 +171,6 @@ def generate_from_package(
     decoder, artifact = open_decoder(pkg_dir, target, threads=threads)
     check_generation_length(artifact, len(prompt_ids), max_tokens)
     return list(decoder.greedy(list(prompt_ids), max_tokens, stop_ids=tuple(stop_ids)))
-
-
-def stream_from_package(
-    pkg_dir: str | Path,
-    prompt_ids: list[int],
-    max_tokens: int,
-    *,
-    target: str | None = None,
-    stop_ids: Sequence[int] = (),
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    threads: int | None = None,
-) -> Iterator[int]:
-    """Yields new token ids sampled from a package's artifact with the same sampler as eager
-    generation (trainer.generate.sample_token), so temperature 0 equals greedy."""
-    import torch
-
-    from trainer.generate import sample_token
-
-    decoder, artifact = open_decoder(pkg_dir, target, threads=threads)
-    check_generation_length(artifact, len(prompt_ids), max_tokens)
-    gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else torch.seed())
-    stops = set(stop_ids)
-    logits = decoder.prefill([list(prompt_ids)])[0]
-    for left in range(max_tokens, 0, -1):
-        token = sample_token(torch.from_numpy(logits), temperature, top_k, top_p, gen)
-        if token in stops:
-            return
-        yield token
-        if left > 1:  # no step for a token nobody will read
-            logits = decoder.decode([token])[0]
 
 
 # --- validation ---------------------------------------------------------------------------------
