@@ -162,7 +162,7 @@ def prompt_text(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-async def http_client(url, headers, body_for, n_requests, out, tokens_field) -> None:
+async def http_client(url, headers, body_for, n_requests, out) -> None:
     import httpx
 
     async with httpx.AsyncClient(timeout=600) as client:
@@ -208,7 +208,7 @@ async def run_http(url: str, headers: dict, n_clients: int, args, body_extra: di
 
     out: list[dict] = []
     start = time.perf_counter()
-    await asyncio.gather(*(http_client(url, headers, body_for, args.requests, out, "text")
+    await asyncio.gather(*(http_client(url, headers, body_for, args.requests, out)
                            for _ in range(n_clients)))  # fmt: skip
     return summarize(out, start)
 
@@ -312,61 +312,58 @@ def main(argv=None) -> int:
     home = work / "gateway-home"  # kept after the run: its gateway.log says what happened
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    if True:
-        registry = Registry.open(str(home / "registry"))
-        version = registry.push(package, MODEL).version
-        registry.set_alias(MODEL, "production", version)
-        pull(registry, MODEL, cache_dir=home / "cache")  # "an unloaded model in the local cache"
-        _, key = KeyStore(home / "gateway.db").create("bench", ["inference"])
-        headers = {"Authorization": f"Bearer {key}"}
+    registry = Registry.open(str(home / "registry"))
+    version = registry.push(package, MODEL).version
+    registry.set_alias(MODEL, "production", version)
+    pull(registry, MODEL, cache_dir=home / "cache")  # "an unloaded model in the local cache"
+    _, key = KeyStore(home / "gateway.db").create("bench", ["inference"])
+    headers = {"Authorization": f"Bearer {key}"}
 
-        # cold start: a fresh gateway process, the package cached, nothing loaded
-        gw = Gateway(home, args, idle_unload=3.0)
-        try:
-            url = gw.url + "/v1/completions"
-            cold = asyncio.run(first_token_s(url, headers, text))
-            warm = asyncio.run(first_token_s(url, headers, text))
-            time.sleep(3.0 + 6.0)  # idle unload (3 s) + a reaper pass (every 5 s)
-            reload = asyncio.run(first_token_s(url, headers, text))
-        finally:
-            gw.close()
-        results["cold_start"] = {"first_request_ttft_s": cold, "warm_ttft_s": warm,
-                                 "after_idle_unload_ttft_s": reload}  # fmt: skip
-        print(f"cold start: first token {cold:.2f} s after the request (warm {warm * 1e3:.0f} ms;"
-              f" after an idle unload {reload:.2f} s)", flush=True)  # fmt: skip
+    # cold start: a fresh gateway process, the package cached, nothing loaded
+    gw = Gateway(home, args, idle_unload=3.0)
+    try:
+        url = gw.url + "/v1/completions"
+        cold = asyncio.run(first_token_s(url, headers, text))
+        warm = asyncio.run(first_token_s(url, headers, text))
+        time.sleep(3.0 + 6.0)  # idle unload (3 s) + a reaper pass (every 5 s)
+        reload = asyncio.run(first_token_s(url, headers, text))
+    finally:
+        gw.close()
+    results["cold_start"] = {"first_request_ttft_s": cold, "warm_ttft_s": warm,
+                             "after_idle_unload_ttft_s": reload}  # fmt: skip
+    print(f"cold start: first token {cold:.2f} s after the request (warm {warm * 1e3:.0f} ms;"
+          f" after an idle unload {reload:.2f} s)", flush=True)  # fmt: skip
 
-        gw = Gateway(home, args)
-        gguf = _gguf()
-        if args.skip_llamacpp:
-            notes.append("llama.cpp skipped (--skip-llamacpp)")
-        elif importlib.util.find_spec("llama_cpp") is None or gguf is None:
-            notes.append("llama-cpp-python[server] is not installed: no llama.cpp baseline")
+    gw = Gateway(home, args)
+    gguf = _gguf()
+    if args.skip_llamacpp:
+        notes.append("llama.cpp skipped (--skip-llamacpp)")
+    elif importlib.util.find_spec("llama_cpp") is None or gguf is None:
+        notes.append("llama-cpp-python[server] is not installed: no llama.cpp baseline")
+    try:
+        url = gw.url + "/v1/completions"
+        asyncio.run(run_http(url, headers, 2, args, {"ignore_eos": True}, text))  # warm-up
+        for n in args.clients:
+            row = {}
+            row["http"] = asyncio.run(run_http(url, headers, n, args, {"ignore_eos": True}, text))
+            row["inprocess"] = asyncio.run(inprocess(package, tokenizer, n, args, text))
+            results["runs"][n] = row
+            print(_line(n, row), flush=True)
+    finally:
+        gw.close()
+    if gguf is not None and not args.skip_llamacpp and importlib.util.find_spec("llama_cpp"):
+        llama = LlamaCppServer(gguf, args)
         try:
-            url = gw.url + "/v1/completions"
-            asyncio.run(run_http(url, headers, 2, args, {"ignore_eos": True}, text))  # warm-up
+            url = llama.url + "/v1/completions"
+            extra = {"min_tokens": args.tokens}
+            asyncio.run(run_http(url, {}, 1, args, extra, text))  # warm-up
             for n in args.clients:
-                row = {}
-                row["http"] = asyncio.run(
-                    run_http(url, headers, n, args, {"ignore_eos": True}, text)
+                results["runs"][n]["llamacpp"] = asyncio.run(
+                    run_http(url, {}, n, args, extra, text)
                 )
-                row["inprocess"] = asyncio.run(inprocess(package, tokenizer, n, args, text))
-                results["runs"][n] = row
-                print(_line(n, row), flush=True)
+                print(_line(n, results["runs"][n]), flush=True)
         finally:
-            gw.close()
-        if gguf is not None and not args.skip_llamacpp and importlib.util.find_spec("llama_cpp"):
-            llama = LlamaCppServer(gguf, args)
-            try:
-                url = llama.url + "/v1/completions"
-                extra = {"min_tokens": args.tokens}
-                asyncio.run(run_http(url, {}, 1, args, extra, text))  # warm-up
-                for n in args.clients:
-                    results["runs"][n]["llamacpp"] = asyncio.run(
-                        run_http(url, {}, n, args, extra, text)
-                    )
-                    print(_line(n, results["runs"][n]), flush=True)
-            finally:
-                llama.close()
+            llama.close()
 
     results["notes"] = notes
     results["load_average"] = {"start": load_start, "end": os.getloadavg()}

@@ -242,7 +242,7 @@ class EngineCore:
             e2e_s=end - choice.accepted,
             itl_s=tuple(b - a for a, b in zip(times, times[1:], strict=False)),
         )
-        del self._choices[internal_id(choice)]
+        del self._choices[choice.request.request_id]
         siblings = self._children[choice.parent]
         if not any(cid in self._choices for cid in siblings):
             del self._children[choice.parent]
@@ -257,10 +257,6 @@ class EngineCore:
             completion_tokens=len(times),
             timings=timings,
         )
-
-
-def internal_id(choice: _Choice) -> str:
-    return choice.request.request_id
 
 
 def _with_id(request: EngineRequest, request_id: str) -> EngineRequest:

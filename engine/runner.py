@@ -333,5 +333,4 @@ def _vocab_size(session: ort.InferenceSession) -> int:
     logits = next(o for o in session.get_outputs() if o.name == "logits")
     if isinstance(logits.shape[-1], int):
         return logits.shape[-1]
-    embed = session.get_modelmeta().custom_metadata_map
-    raise ValueError(f"the graph's logits have no fixed vocabulary size (metadata: {embed})")
+    raise ValueError(f"the graph's logits have no fixed vocabulary size: {logits.shape}")

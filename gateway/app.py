@@ -7,6 +7,7 @@ request ids and JSON access logs, health and metrics routes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -206,8 +207,6 @@ async def healthz() -> dict:
 async def readyz(models: NamedDependency[ModelManager]) -> Response:
     problems = []
     try:
-        import asyncio
-
         await asyncio.to_thread(models.registry.models)
     except Exception as e:
         problems.append(f"registry: {e}")

@@ -288,7 +288,12 @@ class ModelManager:
             info=info,
             tokenizer=Tokenizer.from_str(info.tokenizer_json),
             chat_template=template,
-            token_bytes=await asyncio.to_thread(TokenBytes, info.tokenizer_json),
+            # an in-process engine built this table already; a remote one's comes from its info
+            token_bytes=(
+                await asyncio.to_thread(TokenBytes, info.tokenizer_json)
+                if is_remote
+                else engine.core.token_bytes
+            ),
             bytes=size,
             remote=is_remote,
             load_s=time.monotonic() - started,
