@@ -33,7 +33,9 @@ precision) and transformers (fp32, one process) run in worker processes, so no i
 spins against the engine being timed. Each round runs every block of every engine in turn
 (ours, genai, transformers) after one warm-up round of short blocks; a figure is the median over
 rounds, and a ratio the median of the per-round ratios, so a burst of load spoils one round,
-not the ratio. On a shared 2-core machine run it idle: the load average is printed.
+not the ratio. The single-stream decode (about a second per engine) runs --single-reps times
+per round, the engines alternating, and its ratios pair each run with the other engine's next
+to it. On a shared 2-core machine run it idle: the load average is printed.
 
     python benchmarks/engine.py                              # ~15 minutes on 2 cores
     python benchmarks/engine.py --quick --skip-transformers  # a smoke run, ~2 minutes
@@ -84,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--arrival-gap-ms", type=float, default=10.0, help="mean Poisson gap")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, help="measured rounds after the warm-up (default 3)")
+    ap.add_argument(
+        "--single-reps",
+        type=int,
+        default=3,
+        help="single-stream decode runs per engine and round, alternating engines (short: noisy)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, all")
     ap.add_argument("--package-max-len", type=int, default=512, help="context of built graphs")
     ap.add_argument("--bw-gib", type=float, help="array size of the bandwidth test (default 1)")
@@ -640,12 +648,13 @@ def main(argv=None) -> int:
         """Every block of precision p, each engine in turn; warm: short, not recorded."""
         engines = [("ours", None)] + [(k[0], r) for k, r in remotes.items() if k[1] == p]
         n_single = 4 if warm else args.tokens
-        for name, remote in engines:
-            run = (lambda m, *a: getattr(ours[p], m)(*a)) if remote is None else remote.call
-            r = run("single", short, n_single)
-            if not warm:
-                record(p, "decode_tok_s", name, r["decode_tok_s"])
-                record(p, f"ttft{TTFT_SHORT}_ms", name, r["ttft_ms"])
+        for _ in range(1 if warm else args.single_reps):  # engines alternate within a round
+            for name, remote in engines:
+                run = (lambda m, *a: getattr(ours[p], m)(*a)) if remote is None else remote.call
+                r = run("single", short, n_single)
+                if not warm:
+                    record(p, "decode_tok_s", name, r["decode_tok_s"])
+                    record(p, f"ttft{TTFT_SHORT}_ms", name, r["ttft_ms"])
         for name, remote in engines:
             run = (lambda m, *a: getattr(ours[p], m)(*a)) if remote is None else remote.call
             r = run("single", long_, 1)

@@ -26,7 +26,7 @@ from engine.detokenizer import IncrementalDecoder, StopMatcher, TokenBytes
 from engine.errors import InvalidRequest, Overloaded
 from engine.outputs import RequestOutput, Timings, TokenLogprob
 from engine.request import EngineRequest, RequestState
-from engine.runner import OrtRunner
+from engine.runner import StepRunner
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -58,7 +58,7 @@ class Plan:
 class EngineCore:
     def __init__(
         self,
-        runner: OrtRunner,
+        runner: StepRunner,
         config: SchedulerConfig,
         token_bytes: TokenBytes,
         clock: Callable[[], float] = time.monotonic,
@@ -67,6 +67,10 @@ class EngineCore:
             raise ValueError(
                 f"scheduler n_slots={config.n_slots}, max_len={config.max_len} exceed the "
                 f"runner's cache ({runner.n_slots} slots × {runner.max_len} tokens)"
+            )
+        if config.compact_slots and not runner.can_move:
+            raise ValueError(
+                f"compact_slots needs a host cache; {runner.provider} keeps it on the device"
             )
         self.runner, self.config = runner, config
         self.scheduler = Scheduler(config, clock)

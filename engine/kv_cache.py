@@ -11,10 +11,11 @@ the bookkeeping. One tensor per layer and per K/V, a fixed pool of slots, each a
                   ^--- num_computed_tokens ---^  (seqlens_k = num_computed - 1)
     shape per layer: (n_slots, n_kv, max_len, head_dim)
 
-A request owns one row for its whole life and reserves prompt + max_tokens positions of it, so
-admission refuses what cannot fit and a running request never runs out of room (no preemption,
-no copies). The lowest free slot is handed out first: the runner binds a contiguous range of
-slots per forward, and packed slots keep that range short.
+A request reserves prompt + max_tokens positions of its row, so admission refuses what cannot
+fit and a running request never runs out of room (no preemption). The lowest free slot is handed
+out first, and `compact()` moves requests down into the holes that finished ones leave: the
+runner binds a contiguous range of slots per forward, and on a CPU every free slot inside that
+range would be computed as a dummy row (a decode row costs as much as a real one there).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class KVSlots:
         self.n_slots, self.max_len = n_slots, max_len
         self._free = list(range(n_slots))  # a heap: the lowest free slot first
         self._slot: dict[str, int] = {}
+        self._owner: dict[int, str] = {}  # the inverse of _slot
         self._reserved: dict[str, int] = {}
 
     def allocate(self, request_id: str, needed_tokens: int) -> int | None:
@@ -65,12 +67,25 @@ class KVSlots:
             return None
         slot = heapq.heappop(self._free)
         self._slot[request_id], self._reserved[request_id] = slot, needed_tokens
+        self._owner[slot] = request_id
         return slot
 
     def free(self, request_id: str) -> None:
         slot = self._slot.pop(request_id)  # KeyError: the caller freed twice (a scheduler bug)
-        del self._reserved[request_id]
+        del self._reserved[request_id], self._owner[slot]
         heapq.heappush(self._free, slot)
+
+    def compact(self) -> list[tuple[str, int, int]]:
+        """Moves the request in the highest taken slot into the lowest free one while that is
+        below it, so the taken slots become 0 .. n-1. Returns (request_id, from, to) per move;
+        the caller copies each cache row before the slot is used again."""
+        moves = []
+        while self._free and self._owner and self._free[0] < (high := max(self._owner)):
+            low = heapq.heapreplace(self._free, high)
+            request_id = self._owner.pop(high)
+            self._owner[low], self._slot[request_id] = request_id, low
+            moves.append((request_id, high, low))
+        return moves
 
     def slot_of(self, request_id: str) -> int | None:
         return self._slot.get(request_id)

@@ -16,9 +16,11 @@ from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
 from engine.detokenizer import TokenBytes
 from engine.outputs import EngineInfo
-from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable
+from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable, StepRunner
 from engine.scheduler import SchedulerConfig
 from registry.manifest import Artifact, Manifest, ManifestError, check_files, load
+
+RUNTIMES = ("onnxruntime", "tensorrt")  # the artifact runtimes the engine runs
 
 
 class LoadError(RuntimeError):
@@ -29,7 +31,8 @@ class LoadError(RuntimeError):
 class EngineConfig:
     # the package artifact to run; None picks the fastest ONNX Runtime one (choose_artifact)
     target: str | None = None
-    # "cpu", "cuda" or "tensorrt" (ONNX Runtime execution providers)
+    # "cpu", "cuda" or "tensorrt": the ONNX Runtime execution provider of an ONNX target (a
+    # TensorRT plan target runs on the TensorRT runtime whatever this says)
     provider: str = "cpu"
     # ONNX Runtime intra-op threads; None lets it use every core
     threads: int | None = None
@@ -57,28 +60,29 @@ class EngineConfig:
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"EngineConfig.max_len = {self.max_len} must be >= 2")
 
-    def scheduler(self, max_len: int) -> SchedulerConfig:
+    def scheduler(self, max_len: int, compact_slots: bool = True) -> SchedulerConfig:
         return SchedulerConfig(
             n_slots=self.n_slots,
             max_len=max_len,
             token_budget=max(self.token_budget, self.n_slots),
             max_waiting=self.max_waiting,
             retry_after_s=self.retry_after_s,
+            compact_slots=compact_slots,
         )
 
 
 def choose_artifact(manifest: Manifest, target: str | None = None) -> Artifact:
     """`target`, or the fastest ONNX Runtime artifact on a CPU: artifacts that passed parity
-    first, then fewer weight bits (int4 > int8 > fp32), then the ORT flavour over the portable."""
+    first, then fewer weight bits (int4 > int8 > fp32), then the ORT flavour over the portable.
+    A TensorRT plan runs only when named: it is tied to the GPU and TensorRT that built it."""
     if target is not None:
         try:
             artifact = manifest.artifact(target)
         except ManifestError as e:
             raise LoadError(str(e)) from None
-        if artifact.runtime != "onnxruntime":
+        if artifact.runtime not in RUNTIMES:
             raise LoadError(
-                f"{target} runs on {artifact.runtime}; the engine runs ONNX Runtime targets "
-                "(TensorRT plans run through `exporters.tensorrt` only so far)"
+                f"{target} runs on {artifact.runtime}; the engine runs {', '.join(RUNTIMES)}"
             )
         return artifact
     runnable = [a for a in manifest.artifacts if a.runtime == "onnxruntime"]
@@ -92,6 +96,28 @@ def choose_artifact(manifest: Manifest, target: str | None = None) -> Artifact:
         return (failed, bits, a.flavour != "ort")
 
     return min(runnable, key=rank)
+
+
+def _open_runner(
+    package_dir: Path, artifact: Artifact, config: EngineConfig, max_len: int
+) -> StepRunner:
+    path = package_dir / artifact.entry
+    if artifact.runtime == "tensorrt":
+        from engine import trt_runner  # imports tensorrt and torch's CUDA only for a plan
+
+        trt = trt_runner.load_tensorrt()
+        trt_runner.check_plan(
+            artifact.trt_version, artifact.gpu_arch, trt.__version__, trt_runner.device_arch()
+        )
+        return trt_runner.TrtRunner(path, config.n_slots, max_len)
+    return OrtRunner(
+        path,
+        config.n_slots,
+        max_len,
+        threads=config.threads,
+        provider=config.provider,
+        spin_wait=config.spin_wait,
+    )
 
 
 def open_core(
@@ -114,18 +140,13 @@ def open_core(
             f"{artifact.max_len}"
         )
     try:
-        runner = OrtRunner(
-            package_dir / artifact.entry,
-            config.n_slots,
-            max_len,
-            threads=config.threads,
-            provider=config.provider,
-            spin_wait=config.spin_wait,
-        )
+        runner = _open_runner(package_dir, artifact, config, max_len)
     except ProviderUnavailable as e:
-        raise LoadError(str(e)) from None
+        raise LoadError(f"{artifact.target}: {e}") from None
     tokenizer_json = (package_dir / "tokenizer.json").read_text(encoding="utf-8")
-    core = EngineCore(runner, config.scheduler(max_len), TokenBytes(tokenizer_json))
+    core = EngineCore(
+        runner, config.scheduler(max_len, runner.can_move), TokenBytes(tokenizer_json)
+    )
     tok = manifest.tokenizer
     gen = manifest.generation
     info = EngineInfo(

@@ -23,12 +23,17 @@ most three kinds of forward:
                    further where right-padding to the longest prompt would waste work
     a continuation one batch-1 forward (the scheduler runs at most one per step)
 
+Dummy rows are rare: when nobody waits for a slot the scheduler compacts the running requests
+into slots 0 .. n-1, and the runner moves their cache rows (`move()`, host caches only) before
+the step's forwards.
+
 Dims come from the graph's inputs, so the engine needs no model code. The exporter's parity
 harness (exporters/runner.py) runs the same forward, so parity is measured on what serves.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -73,74 +78,28 @@ def check_provider(provider: str) -> list[str]:
     return wanted
 
 
-class OrtRunner:
-    """Owns the session, the KV cache and each slot's cached length."""
+class StepRunner(ABC):
+    """A scheduler step → the forwards that run it, over a cache of slots each holding
+    `lengths[slot]` tokens. Subclasses own the graph and the cache: `forward()` (one graph call
+    on a contiguous range of slots, logits back in host memory) and `move()` (compaction);
+    OrtRunner here, TrtRunner in engine/trt_runner.py."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        n_slots: int,
-        max_len: int,
-        *,
-        threads: int | None = None,
-        provider: str = "cpu",
-        spin_wait: bool = True,
-    ):
-        if n_slots < 1:
-            raise ValueError(f"n_slots={n_slots} must be >= 1")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        # spinning worker threads answer the next parallel section sooner but hold their cores
-        # between forwards, from the Python of the step and from anything else on the machine
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-        providers = check_provider(provider)
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        self.provider = self.session.get_providers()[0]
-        self.device = _DEVICE.get(self.provider, "cuda")
-
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        past = inputs["past_key_0"]
-        n_layers = sum(name.startswith("past_key_") for name in inputs)
-        self.kv_dtype = _DTYPES[past.type]
-        _, n_kv_heads, capacity, head_dim = past.shape
-        # a symbolic cache length (ORT flavour) takes max_len; a fixed one (portable) is kept
-        graph_len = capacity if isinstance(capacity, int) else _graph_max_len(self.session)
-        if not 1 <= max_len <= graph_len:
-            raise ValueError(f"max_len={max_len} must be in 1..{graph_len}, the graph's max_len")
-        capacity = capacity if isinstance(capacity, int) else max_len
-        self.n_slots, self.max_len, self.n_layers = n_slots, max_len, n_layers
-        self.vocab_size = _vocab_size(self.session)
-        self._row_shape = (n_kv_heads, capacity, head_dim)
-        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
-        # allocated once and zeroed once: the pages are touched at load rather than in the first
-        # decode steps, and a bug that read past a row's length would read zeros, not garbage
-        zeros = np.zeros((n_slots, *self._row_shape), dtype=self.kv_dtype)
-        self.kv: dict[str, ort.OrtValue] = {}
-        for i in range(n_layers):
-            for kind in ("key", "value"):
-                value = ort.OrtValue.ortvalue_from_shape_and_type(
-                    zeros.shape, self.kv_dtype, self.device, 0
-                )
-                value.update_inplace(zeros)
-                self.kv[f"{kind}_{i}"] = value
-        self.binding = self.session.io_binding()
-        self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
-        self._inputs: dict[tuple[int, int, int], _Inputs] = {}  # decode shapes, by (B, 1, N)
-        self._bound_inputs: _Inputs | None = None
-        self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
-        self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
+    n_slots: int
+    max_len: int
+    vocab_size: int
+    provider: str
+    lengths: np.ndarray  # tokens cached per slot
 
     @property
-    def kv_bytes(self) -> int:
-        return self._row_bytes * self.n_slots * len(self.kv)
+    @abstractmethod
+    def kv_bytes(self) -> int: ...
 
-    def reset(self) -> None:
-        """Forgets every slot's tokens. The buffers are not cleared: attention never reads past a
-        row's length, and a first prompt (S == total length) starts each row from empty."""
-        self.lengths[:] = 0
+    @property
+    @abstractmethod
+    def can_move(self) -> bool:
+        """Whether move() works here (the scheduler compacts slots only then)."""
 
+    @abstractmethod
     def forward(
         self,
         input_ids: np.ndarray,
@@ -150,55 +109,30 @@ class OrtRunner:
         rows: range | None = None,
     ) -> np.ndarray:
         """One graph call: ids/positions [B, S] (right-padded), seqlens_k [B] (each row's total
-        length - 1 after the step), logits_idx [N] into the flat B*S axis → logits [N, V].
+        length - 1 after the step), logits_idx [N] into the flat B*S axis → logits [N, V] on the
+        host. `rows` are the cache slots of the B batch rows, a contiguous range (default
+        0..B-1). The logits may be a view of a buffer the next forward overwrites."""
 
-        `rows` are the cache slots of the B batch rows, a contiguous range (default 0..B-1):
-        their buffers are bound by pointer offset, so no slot is copied. The logits returned are
-        a view of a buffer the next forward overwrites.
-        """
-        B, S = input_ids.shape
+    @abstractmethod
+    def move(self, src: int, dst: int, n_tokens: int) -> None:
+        """Copies slot `src`'s first n_tokens cached positions to slot `dst`."""
+
+    def reset(self) -> None:
+        """Forgets every slot's tokens. The buffers are not cleared: attention never reads past a
+        row's length, and a first prompt (S == total length) starts each row from empty."""
+        self.lengths[:] = 0
+
+    def _check_forward(self, B: int, S: int, rows: range | None, seqlens_k) -> tuple[range, int]:
+        """The slots of a forward (default 0..B-1) and its total length, checked."""
         rows = range(B) if rows is None else rows
         if len(rows) != B or rows.step != 1 or rows.start < 0 or rows.stop > self.n_slots:
             raise ValueError(
                 f"rows={rows} must be a contiguous range of {B} slots in 0..{self.n_slots - 1}"
             )
-        seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
-        total = int(seqlens_k.max()) + 1
+        total = int(np.max(seqlens_k)) + 1
         if not S <= total <= self.max_len:
             raise ValueError(f"total length {total} must be in S={S}..max_len={self.max_len}")
-        b = self.binding
-        key = (B, S, len(logits_idx))
-        inputs = self._inputs.get(key)
-        if inputs is None:  # decode shapes are bound once; a step only writes into them
-            inputs = _Inputs(*key)
-            if S == 1:  # prompt shapes vary too much to keep
-                self._inputs[key] = inputs
-        if inputs is not self._bound_inputs:
-            for name, value in inputs.ortvalues.items():
-                b.bind_ortvalue_input(name, value)
-            self._bound_inputs = inputs
-        inputs.arrays["input_ids"][...] = input_ids
-        inputs.arrays["position_ids"][...] = positions
-        inputs.arrays["seqlens_k"][...] = seqlens_k
-        inputs.arrays["total_sequence_length"][...] = total
-        inputs.arrays["logits_idx"][...] = logits_idx
-        if (rows.start, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
-            shape = (B, *self._row_shape)
-            offset = rows.start * self._row_bytes
-            for name, value in self.kv.items():
-                ptr = value.data_ptr() + offset
-                b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
-                b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
-            self._bound_rows = (rows.start, B)
-        N = len(logits_idx)
-        if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
-            self._logits = np.empty((N, self.vocab_size), dtype=np.float32)
-            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-        self.session.run_with_iobinding(b)
-        self.lengths[rows.start : rows.stop] = seqlens_k + 1
-        return self._logits
-
-    # ── one scheduler step ──
+        return rows, total
 
     def execute(self, step: SchedulerOutput) -> tuple[list[str], np.ndarray]:
         """Runs a step's chunks → (request ids, their logits [n, V]) for the chunks that sample,
@@ -207,6 +141,8 @@ class OrtRunner:
 
         The logits may be a view of the runner's output buffer, valid until the next forward:
         a step with one forward (the common case) copies nothing."""
+        for m in step.moves:  # before any forward: the chunks name the slots after the moves
+            self.move(m.src, m.dst, m.n_tokens)
         forwards: list = [
             *(partial(self._decode, run) for run in _runs(step.decodes, MAX_DUMMY_GAP)),
             *(
@@ -272,6 +208,140 @@ class OrtRunner:
         return ([chunk.request_id], logits) if chunk.sample else ([], logits[:0])
 
 
+class OrtRunner(StepRunner):
+    """Owns the session, the KV cache and each slot's cached length."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_slots: int,
+        max_len: int,
+        *,
+        threads: int | None = None,
+        provider: str = "cpu",
+        spin_wait: bool = True,
+    ):
+        if n_slots < 1:
+            raise ValueError(f"n_slots={n_slots} must be >= 1")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        # spinning worker threads answer the next parallel section sooner but hold their cores
+        # between forwards, from the Python of the step and from anything else on the machine
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+        providers = check_provider(provider)
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.device = _DEVICE.get(self.provider, "cuda")
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        past = inputs["past_key_0"]
+        n_layers = sum(name.startswith("past_key_") for name in inputs)
+        self.kv_dtype = _DTYPES[past.type]
+        _, n_kv_heads, capacity, head_dim = past.shape
+        # a symbolic cache length (ORT flavour) takes max_len; a fixed one (portable) is kept
+        graph_len = capacity if isinstance(capacity, int) else _graph_max_len(self.session)
+        if not 1 <= max_len <= graph_len:
+            raise ValueError(f"max_len={max_len} must be in 1..{graph_len}, the graph's max_len")
+        capacity = capacity if isinstance(capacity, int) else max_len
+        self.n_slots, self.max_len, self.n_layers = n_slots, max_len, n_layers
+        self.vocab_size = _vocab_size(self.session)
+        self._row_shape = (n_kv_heads, capacity, head_dim)
+        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
+        # allocated once and zeroed once: the pages are touched at load rather than in the first
+        # decode steps, and a bug that read past a row's length would read zeros, not garbage
+        shape = (n_slots, *self._row_shape)
+        names = [f"{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+        self.kv: dict[str, ort.OrtValue] = {}
+        # on the CPU numpy owns the cache and each OrtValue wraps its memory, so moving a slot
+        # (move()) is a numpy copy; a device cache is only reachable through ONNX Runtime
+        self._host_kv: dict[str, np.ndarray] | None = None
+        if self.device == "cpu":
+            self._host_kv = {name: _aligned_zeros(shape, self.kv_dtype) for name in names}
+            for name, array in self._host_kv.items():
+                self.kv[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        else:
+            zeros = np.zeros(shape, dtype=self.kv_dtype)
+            for name in names:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, self.kv_dtype, self.device, 0
+                )
+                value.update_inplace(zeros)
+                self.kv[name] = value
+        self.binding = self.session.io_binding()
+        self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
+        self._inputs: dict[tuple[int, int, int], _Inputs] = {}  # decode shapes, by (B, 1, N)
+        self._bound_inputs: _Inputs | None = None
+        self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
+        self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._row_bytes * self.n_slots * len(self.kv)
+
+    @property
+    def can_move(self) -> bool:
+        return self._host_kv is not None  # a host cache: see __init__
+
+    def move(self, src: int, dst: int, n_tokens: int) -> None:
+        """Copies slot `src`'s first n_tokens positions to slot `dst` (compaction): about
+        46 KB a token for SmolLM2-135M, ~1 ms for a 200-token row, where each idle row a decode
+        forward would otherwise carry costs a row's compute every step."""
+        if self._host_kv is None:
+            raise RuntimeError(f"slots cannot move on {self.provider}: the cache is on the device")
+        if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
+            raise ValueError(f"move {src} → {dst} of {n_tokens} tokens is outside the cache")
+        for array in self._host_kv.values():
+            array[dst, :, :n_tokens] = array[src, :, :n_tokens]
+        self.lengths[dst], self.lengths[src] = n_tokens, 0
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        seqlens_k: np.ndarray,
+        logits_idx: np.ndarray,
+        rows: range | None = None,
+    ) -> np.ndarray:
+        """StepRunner.forward: the rows' cache buffers are bound by pointer offset, so no slot
+        is copied."""
+        B, S = input_ids.shape
+        seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
+        rows, total = self._check_forward(B, S, rows, seqlens_k)
+        b = self.binding
+        key = (B, S, len(logits_idx))
+        inputs = self._inputs.get(key)
+        if inputs is None:  # decode shapes are bound once; a step only writes into them
+            inputs = _Inputs(*key)
+            if S == 1:  # prompt shapes vary too much to keep
+                self._inputs[key] = inputs
+        if inputs is not self._bound_inputs:
+            for name, value in inputs.ortvalues.items():
+                b.bind_ortvalue_input(name, value)
+            self._bound_inputs = inputs
+        inputs.arrays["input_ids"][...] = input_ids
+        inputs.arrays["position_ids"][...] = positions
+        inputs.arrays["seqlens_k"][...] = seqlens_k
+        inputs.arrays["total_sequence_length"][...] = total
+        inputs.arrays["logits_idx"][...] = logits_idx
+        if (rows.start, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
+            shape = (B, *self._row_shape)
+            offset = rows.start * self._row_bytes
+            for name, value in self.kv.items():
+                ptr = value.data_ptr() + offset
+                b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
+                b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
+            self._bound_rows = (rows.start, B)
+        N = len(logits_idx)
+        if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
+            self._logits = np.empty((N, self.vocab_size), dtype=np.float32)
+            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self.session.run_with_iobinding(b)
+        self.lengths[rows.start : rows.stop] = seqlens_k + 1
+        return self._logits
+
+
 class _Inputs:
     """The graph's small inputs for one (B, S, N) shape, as numpy arrays shared with the
     OrtValues bound to them: a step writes values in place and binds nothing (binding five
@@ -319,6 +389,17 @@ def _runs(chunks: Sequence[ScheduledChunk], max_gap: int) -> list[list[Scheduled
         else:
             runs.append([c])
     return runs
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype, align: int = 4096) -> np.ndarray:
+    """Zeros whose every page is touched now, starting on a page boundary (as ONNX Runtime's own
+    allocator would align them; numpy's heap aligns to 16 bytes)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    array = raw[start : start + nbytes].view(dtype).reshape(shape)
+    array.fill(0)  # np.zeros would leave the pages to be faulted in by the first steps
+    return array
 
 
 def _graph_max_len(session: ort.InferenceSession) -> int:

@@ -31,6 +31,9 @@ class SchedulerConfig:
     max_waiting: int = 128
     # the Retry-After hint Overloaded carries: roughly the time for a queued request to start
     retry_after_s: float = 1.0
+    # move running requests down into the slots finished ones left (when nobody waits to take
+    # them), so a decode forward covers only running slots; the runner must copy cache rows
+    compact_slots: bool = True
 
     def __post_init__(self) -> None:
         _at_least("n_slots", self.n_slots, 1, "one sequence")
@@ -63,6 +66,17 @@ class ScheduledChunk:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class SlotMove:
+    """Before this step runs, the cache row of `src` moves to `dst` (its first `n_tokens`
+    positions: what the request has computed so far)."""
+
+    request_id: str
+    src: int
+    dst: int
+    n_tokens: int
+
+
 @dataclass(frozen=True)
 class SchedulerOutput:
     """One step, grouped by the shape of forward the runner needs on ONNX Runtime."""
@@ -78,6 +92,8 @@ class SchedulerOutput:
     continuations: tuple[ScheduledChunk, ...]
     # requests aborted since the last step; their slots are free again, the runner forgets them
     aborted: tuple[str, ...]
+    # cache rows to move before the forwards (compaction); the chunks above use the new slots
+    moves: tuple[SlotMove, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -156,7 +172,11 @@ class Scheduler:
            prompt takes only what remains after the decodes, so it can never delay them.
         3. Waiting requests are admitted in FIFO order while a slot and budget remain, each with
            a first chunk of min(prompt, budget left); with no free slot the queue head waits.
-        Aborted requests leave at the step boundary, before the budget is handed out.
+        Aborted requests leave at the step boundary, before the budget is handed out. Then, if
+        nobody is waiting to fill the slots finished requests left, the running requests in the
+        highest slots move down into them (`moves`), so the running slots are 0 .. n-1 and a
+        decode forward computes no idle row; a waiting request would take the lowest free slot
+        anyway, without a copy.
 
         A chunk cut short has used up the budget, so at most one request is ever part-way
         through its prompt, and a step runs at most one later chunk (several tokens on top of a
@@ -166,6 +186,7 @@ class Scheduler:
         if self._in_flight is not None:
             raise RuntimeError("schedule() called again before update() took the last step")
         aborted = self._apply_aborts()
+        moves = self._compact() if self.config.compact_slots and not self._waiting else ()
         budget = self.config.token_budget
         chunks: list[ScheduledChunk] = []
 
@@ -203,6 +224,7 @@ class Scheduler:
             prefills=tuple(c for c in chunks if c.start == 0),
             continuations=tuple(c for c in chunks if c.start > 0 and c.n_tokens > 1),
             aborted=aborted,
+            moves=moves,
         )
 
     def update(self, sampled: Mapping[str, int | None]) -> list[RequestState]:
@@ -256,6 +278,14 @@ class Scheduler:
             self.kv.free(state.request_id)
         del self._states[state.request_id]
         state.status, state.finish_reason, state.slot = RequestStatus.FINISHED, reason, None
+
+    def _compact(self) -> tuple[SlotMove, ...]:
+        moves = []
+        for rid, src, dst in self.kv.compact():
+            state = self._states[rid]
+            state.slot = dst
+            moves.append(SlotMove(rid, src, dst, state.num_computed_tokens))
+        return tuple(moves)
 
     def _apply_aborts(self) -> tuple[str, ...]:
         aborted = tuple(self._aborts)

@@ -1,9 +1,10 @@
 """The exporter's parity and benchmark harness: plain decode loops over the engine's runner.
 
 `OrtDecoder` is `engine.runner.OrtRunner` (one KV cache allocated once, updated in place through
-IO binding) plus loops that keep batch row r in slot r: prefill, decode, greedy, scoring. Parity
-is therefore measured on the same forward the engine serves with; the engine owns scheduling,
-sampling and its own slot bookkeeping.
+IO binding) plus `DecodeLoops`, loops that keep batch row r in slot r: prefill, decode, greedy,
+scoring; `exporters.tensorrt.TrtDecoder` is the same loops over `engine.trt_runner.TrtRunner`.
+Parity is therefore measured on the same forward the engine serves with; the engine owns
+scheduling, sampling and its own slot bookkeeping.
 """
 
 from __future__ import annotations
@@ -19,28 +20,11 @@ from exporters.onnx_ort import read_config
 SCORE_CHUNK = 128  # tokens per scoring call: bounds the [chunk, V] logits held at once
 
 
-class OrtDecoder(OrtRunner):
-    """Runs either flavour of the engine graph (ORT contrib ops, or the portable one) on ONNX
-    Runtime; the cache dtype and capacity come from the graph's past_key_0 input."""
+class DecodeLoops:
+    """Decode loops over a runner's forward (OrtRunner or engine.trt_runner.TrtRunner), batch
+    row r in slot r: what parity (exporters/parity.py's Decoder) and the export benchmark run."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        max_batch: int,
-        max_len: int,
-        threads: int | None = None,
-        provider: str = "cpu",
-    ):
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch} must be >= 1")
-        self.cfg, _ = read_config(path)
-        super().__init__(path, max_batch, max_len, threads=threads, provider=provider)
-        self.max_batch = max_batch
-
-    def forward(self, *args, **kwargs) -> np.ndarray:
-        return super().forward(*args, **kwargs).copy()
-
-    # ── convenience loops (batch row r lives in slot r) ──
+    max_batch: int  # forward(), reset(), max_len and lengths come from the runner class
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """First prompts of rows 0..len(prompts)-1 in one call → each row's last logits [B, V]."""
@@ -136,3 +120,25 @@ class OrtDecoder(OrtRunner):
             targets = ids[c + 1 : c + n + 1]
             logprobs.append(logits[np.arange(n), targets] - lse)
         return np.concatenate(logprobs)
+
+
+class OrtDecoder(DecodeLoops, OrtRunner):
+    """Runs either flavour of the engine graph (ORT contrib ops, or the portable one) on ONNX
+    Runtime; the cache dtype and capacity come from the graph's past_key_0 input."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_batch: int,
+        max_len: int,
+        threads: int | None = None,
+        provider: str = "cpu",
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        self.cfg, _ = read_config(path)
+        OrtRunner.__init__(self, path, max_batch, max_len, threads=threads, provider=provider)
+        self.max_batch = max_batch
+
+    def forward(self, *args, **kwargs) -> np.ndarray:
+        return OrtRunner.forward(self, *args, **kwargs).copy()  # the loops hold several

@@ -64,6 +64,18 @@ def drain(core: EngineCore, max_steps: int = 10_000, on_step=None) -> dict:
     return results
 
 
+def count_moves(core: EngineCore) -> list[tuple[int, int, int]]:
+    """Records every cache-row move the runner makes (compaction), moving as before."""
+    moves, move = [], core.runner.move
+
+    def recorded(src, dst, n_tokens):
+        moves.append((src, dst, n_tokens))
+        move(src, dst, n_tokens)
+
+    core.runner.move = recorded
+    return moves
+
+
 def alone(pkg, request: EngineRequest) -> dict:
     core = make_core(pkg, n_slots=1)
     core.add(request)
@@ -90,8 +102,10 @@ def test_join_and_leave_at_every_step_changes_nobodys_output(tiny_package, token
         for i in range(10)
     ]
     core = make_core(tiny_package, n_slots=3, token_budget=8)  # chunked prompts, full slots
+    moves = count_moves(core)
     together = drain(core, on_step=lambda s: s < len(requests) and core.add(requests[s]))
     assert core.has_work() is False
+    assert moves, "the tail should compact the running requests"
     for r in requests:
         assert (
             together[(r.request_id, 0)]["tokens"]
@@ -122,6 +136,7 @@ def test_random_arrivals_lengths_and_aborts_match_each_request_alone(tiny_packag
         if rng.random() < 0.15:
             aborts.setdefault(rng.randint(0, 150), []).append(r.request_id)
     core = make_core(tiny_package, n_slots=6, token_budget=24, max_waiting=200)
+    moves = count_moves(core)
 
     def on_step(step):
         for r in arrivals.get(step, []):
@@ -139,6 +154,7 @@ def test_random_arrivals_lengths_and_aborts_match_each_request_alone(tiny_packag
         assert got["tokens"] == alone(tiny_package, r)[(r.request_id, 0)]["tokens"], r
         checked += 1
     assert checked >= 70
+    assert len(moves) >= 3, "compaction (cache rows moved between slots) was not exercised"
     assert core.scheduler.usage().slots_used == 0
 
 

@@ -30,3 +30,19 @@ def test_what_cannot_fit_a_slot_is_an_error_not_a_wait():
     with pytest.raises(ContextOverflow, match=r"= 17 tokens, more than the 16"):
         check_fits(prompt_tokens=10, max_tokens=7, max_len=16)
     check_fits(prompt_tokens=10, max_tokens=6, max_len=16)
+
+
+def test_compaction_moves_the_highest_slots_into_the_lowest_holes():
+    kv = KVSlots(n_slots=6, max_len=100)
+    for rid in "abcdef":
+        kv.allocate(rid, 10)
+    for rid in "bdf":
+        kv.free(rid)
+    # taken: a0 c2 e4 → e moves into 1, then nothing is above a hole
+    assert kv.compact() == [("e", 4, 1)]
+    assert [kv.slot_of(r) for r in "ace"] == [0, 2, 1]
+    assert kv.compact() == []
+    assert kv.allocate("g", 10) == 3  # the free slots are 3, 4, 5 again
+    kv.free("a")
+    assert kv.compact() == [("g", 3, 0)]
+    assert kv.usage().slots_used == 3 and kv.num_free == 3

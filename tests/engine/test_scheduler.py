@@ -33,6 +33,10 @@ class FakeModel:
         self.owner: dict[int, str] = {}
 
     def run(self, out: SchedulerOutput) -> dict[str, int | None]:
+        for move in out.moves:  # as the runner copies cache rows, before any chunk runs
+            assert self.owner.get(move.src) == move.request_id, "moved a slot it does not own"
+            self.contents[move.dst] = self.contents.pop(move.src)[: move.n_tokens]
+            self.owner[move.dst] = self.owner.pop(move.src)
         sampled = {}
         for chunk in out.chunks:
             if chunk.start == 0:
@@ -227,6 +231,41 @@ def test_config_errors_name_the_field_value_and_limit():
         SchedulerConfig(max_waiting=0)
 
 
+def test_finished_requests_holes_are_compacted_when_nobody_waits():
+    sched, model = scheduler(n_slots=4, token_budget=16), FakeModel()
+    for rid, n in (("a", 2), ("b", 9), ("c", 1), ("d", 9)):
+        sched.add(request(rid, prompt=3, max_tokens=n))
+    out, _ = step(sched, model)  # a, b, c, d prefill in slots 0..3; c finishes (one token)
+    assert out.moves == ()
+    out, _ = step(sched, model)  # d moves from slot 3 into c's slot 2; a finishes
+    assert [(m.request_id, m.src, m.dst, m.n_tokens) for m in out.moves] == [("d", 3, 2, 3)]
+    assert {c.request_id: c.slot for c in out.chunks} == {"a": 0, "b": 1, "d": 2}
+    out, _ = step(sched, model)  # d moves again, into a's slot 0
+    assert [(m.request_id, m.src, m.dst) for m in out.moves] == [("d", 2, 0)]
+    assert {c.request_id: c.slot for c in out.chunks} == {"b": 1, "d": 0}
+    while sched.has_unfinished():
+        _, updated = step(sched, model)
+        for state in updated:
+            if state.finish_reason is not None:
+                assert state.output_token_ids == alone(state.request)[0]
+
+    # with a request waiting, the hole is left for it: it takes the lowest free slot, no copy
+    sched, model = scheduler(n_slots=2, token_budget=16), FakeModel()
+    for rid, n in (("a", 1), ("b", 5), ("c", 3)):
+        sched.add(request(rid, prompt=3, max_tokens=n))
+    step(sched, model)  # a and b prefill; a finishes with its first token
+    out, _ = step(sched, model)
+    assert out.moves == () and out.prefills[0].request_id == "c" and out.prefills[0].slot == 0
+
+    # and compact_slots=False never moves (a device cache)
+    sched, model = scheduler(n_slots=2, compact_slots=False), FakeModel()
+    sched.add(request("a", prompt=3, max_tokens=1))
+    sched.add(request("b", prompt=3, max_tokens=3))
+    step(sched, model)
+    out, _ = step(sched, model)
+    assert out.moves == () and out.decodes[0].slot == 1
+
+
 def test_requests_round_trip_as_compact_messages():
     req = EngineRequest("a", (1, 2, 3), 8, (0,), SamplingParams(temperature=0.0, seed=7))
     wire = msgspec.msgpack.encode(req)
@@ -255,7 +294,7 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
     pending = sorted(requests, key=lambda r: arrive[r])
     added, admitted, finished, aborted_step = [], [], {}, {}
     decoding: set[str] = set()  # sampled a token last step: must get one this step
-    overloads = 0
+    overloads = moves = 0
 
     def aborts_due(now: int, mid_step: bool) -> list[str]:
         due = [r for r, (after, mid) in abort_after.items() if arrive[r] + after == now]
@@ -291,6 +330,9 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
         assert len(out.continuations) <= 1, "two batch-1 forwards in one step"
         assert all(scheduled.get(r) == 1 for r in decoding), "a running stream stalled"
         assert not scheduled.keys() & aborted_step.keys(), "an aborted request ran"
+        if not sched.num_waiting:  # compacted: the running requests hold slots 0 .. n-1
+            assert {c.slot for c in out.chunks} == set(range(sched.num_running))
+        moves += len(out.moves)
         admitted += [c.request_id for c in out.prefills]
 
         for rid in aborts_due(now, mid_step=True):
@@ -308,6 +350,7 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
         pytest.fail("the requests did not finish within 5000 steps")
 
     assert overloads > 0, "the test should exercise a full queue"
+    assert moves > 10, "the test should exercise compaction"
     assert admitted == [r for r in added if r in admitted], "admission was not FIFO"
     assert sched.usage().slots_used == 0
     for rid, req in requests.items():
