@@ -22,8 +22,16 @@ def register(subparsers) -> None:
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", help="package target (default: the fastest runnable here)")
-    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument(
+        "--target",
+        help="package target, e.g. onnx-int4 or trt-fp16 (default: the fastest ONNX one)",
+    )
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda", "tensorrt"],
+        default="cpu",
+        help="ONNX Runtime execution provider of an ONNX target (a plan runs on TensorRT)",
+    )
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
     p.add_argument("--slots", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-len", type=int, help="tokens per slot (default: the target's)")

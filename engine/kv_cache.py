@@ -75,16 +75,23 @@ class KVSlots:
         del self._reserved[request_id], self._owner[slot]
         heapq.heappush(self._free, slot)
 
-    def compact(self) -> list[tuple[str, int, int]]:
+    def compact(self, reserve: int = 0) -> list[tuple[str, int, int]]:
         """Moves the request in the highest taken slot into the lowest free one while that is
-        below it, so the taken slots become 0 .. n-1. Returns (request_id, from, to) per move;
-        the caller copies each cache row before the slot is used again."""
+        below it, leaving the `reserve` lowest free slots for requests about to be admitted
+        (they take the lowest first), so the taken slots end up contiguous from 0. Returns
+        (request_id, from, to) per move; the caller copies each cache row before it is used."""
         moves = []
-        while self._free and self._owner and self._free[0] < (high := max(self._owner)):
-            low = heapq.heapreplace(self._free, high)
+        while self._owner and len(self._free) > reserve:
+            target = sorted(self._free)[reserve]
+            high = max(self._owner)
+            if target > high:
+                break
+            self._free.remove(target)
+            self._free.append(high)
+            heapq.heapify(self._free)
             request_id = self._owner.pop(high)
-            self._owner[low], self._slot[request_id] = request_id, low
-            moves.append((request_id, high, low))
+            self._owner[target], self._slot[request_id] = request_id, target
+            moves.append((request_id, high, target))
         return moves
 
     def slot_of(self, request_id: str) -> int | None:

@@ -105,6 +105,11 @@ def _open_runner(
     if artifact.runtime == "tensorrt":
         from engine import trt_runner  # imports tensorrt and torch's CUDA only for a plan
 
+        if artifact.max_batch is not None and config.n_slots > artifact.max_batch:
+            raise LoadError(
+                f"{artifact.target} takes at most {artifact.max_batch} sequences per step; "
+                f"--slots (n_slots) is {config.n_slots}: ask for {artifact.max_batch} or fewer"
+            )
         trt = trt_runner.load_tensorrt()
         trt_runner.check_plan(
             artifact.trt_version, artifact.gpu_arch, trt.__version__, trt_runner.device_arch()

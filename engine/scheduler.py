@@ -31,8 +31,8 @@ class SchedulerConfig:
     max_waiting: int = 128
     # the Retry-After hint Overloaded carries: roughly the time for a queued request to start
     retry_after_s: float = 1.0
-    # move running requests down into the slots finished ones left (when nobody waits to take
-    # them), so a decode forward covers only running slots; the runner must copy cache rows
+    # move running requests down into the slots finished ones left (those the waiting requests
+    # will not take), so a decode forward covers only running slots; the runner copies the rows
     compact_slots: bool = True
 
     def __post_init__(self) -> None:
@@ -172,11 +172,11 @@ class Scheduler:
            prompt takes only what remains after the decodes, so it can never delay them.
         3. Waiting requests are admitted in FIFO order while a slot and budget remain, each with
            a first chunk of min(prompt, budget left); with no free slot the queue head waits.
-        Aborted requests leave at the step boundary, before the budget is handed out. Then, if
-        nobody is waiting to fill the slots finished requests left, the running requests in the
-        highest slots move down into them (`moves`), so the running slots are 0 .. n-1 and a
-        decode forward computes no idle row; a waiting request would take the lowest free slot
-        anyway, without a copy.
+        Aborted requests leave at the step boundary, before the budget is handed out. Then the
+        running requests in the highest slots move down into the holes finished ones left
+        (`moves`), except the lowest holes, one per waiting request, which those take without a
+        copy; so the slots in use stay contiguous from 0 and a decode forward computes no idle
+        row (but for the one request part-way through its prompt).
 
         A chunk cut short has used up the budget, so at most one request is ever part-way
         through its prompt, and a step runs at most one later chunk (several tokens on top of a
@@ -186,7 +186,7 @@ class Scheduler:
         if self._in_flight is not None:
             raise RuntimeError("schedule() called again before update() took the last step")
         aborted = self._apply_aborts()
-        moves = self._compact() if self.config.compact_slots and not self._waiting else ()
+        moves = self._compact() if self.config.compact_slots else ()
         budget = self.config.token_budget
         chunks: list[ScheduledChunk] = []
 
@@ -281,7 +281,8 @@ class Scheduler:
 
     def _compact(self) -> tuple[SlotMove, ...]:
         moves = []
-        for rid, src, dst in self.kv.compact():
+        # the lowest free slots are left to the waiting requests: they take them with no copy
+        for rid, src, dst in self.kv.compact(reserve=len(self._waiting)):
             state = self._states[rid]
             state.slot = dst
             moves.append(SlotMove(rid, src, dst, state.num_computed_tokens))

@@ -35,7 +35,7 @@ def load_tensorrt():
         import tensorrt as trt
         import torch
     except ImportError as e:
-        raise ProviderUnavailable(f"TensorRT targets need {e.name}: {INSTALL_HINT}") from None
+        raise ProviderUnavailable(f"TensorRT targets need {e.name or e}: {INSTALL_HINT}") from None
     if not torch.cuda.is_available():
         raise ProviderUnavailable(
             f"TensorRT needs a CUDA device and torch sees none; {INSTALL_HINT}"
@@ -44,8 +44,9 @@ def load_tensorrt():
 
 
 def check_plan(plan_trt: str | None, plan_arch: str | None, trt: str, arch: str) -> None:
-    """A plan runs only on the TensorRT version and GPU architecture that built it."""
-    if plan_trt and plan_trt.split(".")[:2] != trt.split(".")[:2]:
+    """A plan deserializes only on the TensorRT version (to the build number) and the GPU
+    architecture that built it; the manifest records both."""
+    if plan_trt and plan_trt != trt:
         raise ProviderUnavailable(
             f"the plan was built by TensorRT {plan_trt}; this machine has {trt} (rebuild the "
             "target here with `aimass export`)"
@@ -100,6 +101,13 @@ class TrtRunner(StepRunner):
                 f"n_slots={n_slots} must be in 1..{self.plan_max_batch}, the most rows the plan's "
                 "profiles accept (a decode forward may hold every slot)"
             )
+        row_bytes = K * M * hd * torch.empty((), dtype=self._dtypes[self.pairs[0][0]]).itemsize
+        if row_bytes % 256:  # a forward binds rows from any slot; TensorRT wants aligned addresses
+            raise ValueError(
+                f"a cache slot of {row_bytes} bytes (K={K} × max_len={M} × hd={hd}) is not a "
+                "multiple of the 256 bytes TensorRT aligns tensor addresses to; export the plan "
+                "with a max_len that is a multiple of 64"
+            )
         self.n_slots, self.max_len, self.in_place = n_slots, max_len, in_place
         self.provider = "tensorrt"
         self.vocab_size = int(engine.get_tensor_shape("logits")[1])
@@ -112,6 +120,9 @@ class TrtRunner(StepRunner):
         )
         self.lengths = np.zeros(n_slots, dtype=np.int64)
         self._profile: int | None = None
+        # a stream of its own: TensorRT synchronises more around the legacy default stream
+        self._stream = torch.cuda.Stream()
+        torch.cuda.synchronize()  # the cache was zeroed on the default stream
 
     @property
     def kv_bytes(self) -> int:
@@ -124,8 +135,9 @@ class TrtRunner(StepRunner):
     def move(self, src: int, dst: int, n_tokens: int) -> None:
         if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
             raise ValueError(f"move {src} → {dst} of {n_tokens} tokens is outside the cache")
-        for t in self.cache.values():
-            t[dst, :, :n_tokens].copy_(t[src, :, :n_tokens])
+        with self._torch.cuda.stream(self._stream):
+            for t in self.cache.values():
+                t[dst, :, :n_tokens].copy_(t[src, :, :n_tokens])
         self.lengths[dst], self.lengths[src] = n_tokens, 0
 
     def forward(
@@ -136,11 +148,19 @@ class TrtRunner(StepRunner):
         logits_idx: np.ndarray,
         rows: range | None = None,
     ) -> np.ndarray:
-        torch = self._torch
         input_ids = np.asarray(input_ids)
         B, S = input_ids.shape
         seqlens = np.asarray(seqlens_k, dtype=np.int32)
         rows, total = self._check_forward(B, S, rows, seqlens)
+        with self._torch.cuda.stream(self._stream):
+            logits = self._run(input_ids, positions, seqlens, logits_idx, rows, total)
+            out = logits.float().cpu().numpy()  # waits for the stream
+        self.lengths[rows.start : rows.stop] = seqlens + 1
+        return out
+
+    def _run(self, input_ids, positions, seqlens, logits_idx, rows: range, total: int):
+        torch = self._torch
+        S = input_ids.shape[1]
         host = {
             "input_ids": input_ids,
             "position_ids": np.asarray(positions),
@@ -153,7 +173,7 @@ class TrtRunner(StepRunner):
             for n, v in host.items()
             if n in self.inputs
         }
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = self._stream.cuda_stream
         profile = DECODE if S == 1 else PREFILL
         if profile != self._profile:
             self.context.set_optimization_profile_async(profile, stream)
@@ -177,5 +197,4 @@ class TrtRunner(StepRunner):
                 self.cache[past][rows.start : rows.stop].copy_(
                     self._scratch[past][rows.start : rows.stop]
                 )
-        self.lengths[rows.start : rows.stop] = seqlens + 1
-        return logits.float().cpu().numpy()
+        return logits

@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from engine.runner import ProviderUnavailable
 from engine.trt_runner import INSTALL_HINT, TrtRunner
 from exporters.errors import ExportError
 from exporters.portable import FLAVOUR
@@ -176,5 +177,10 @@ class TrtDecoder(DecodeLoops, TrtRunner):
 
     def __init__(self, path: str | Path, max_batch: int, max_len: int, *, in_place: bool = True):
         _tensorrt()  # TensorRTUnavailable, an export error, says what to install
-        TrtRunner.__init__(self, path, max_batch, max_len, in_place=in_place)
+        try:
+            TrtRunner.__init__(self, path, max_batch, max_len, in_place=in_place)
+        except ProviderUnavailable as e:
+            raise TensorRTUnavailable(str(e)) from None
+        except ValueError as e:  # the runner's n_slots is this decoder's max_batch
+            raise ExportError(f"{path}: {str(e).replace('n_slots', 'max_batch')}") from None
         self.max_batch = max_batch

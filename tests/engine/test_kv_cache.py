@@ -46,3 +46,16 @@ def test_compaction_moves_the_highest_slots_into_the_lowest_holes():
     kv.free("a")
     assert kv.compact() == [("g", 3, 0)]
     assert kv.usage().slots_used == 3 and kv.num_free == 3
+
+
+def test_compaction_leaves_the_lowest_holes_to_requests_about_to_be_admitted():
+    kv = KVSlots(n_slots=6, max_len=100)
+    for rid in "abcdef":
+        kv.allocate(rid, 10)
+    for rid in "bcd":
+        kv.free(rid)
+    # holes 1, 2, 3 under e4 and f5; one request waits: it will take 1, so 2 and 3 are filled
+    assert kv.compact(reserve=1) == [("f", 5, 2), ("e", 4, 3)]
+    assert kv.allocate("g", 10) == 1
+    assert sorted(kv.slot_of(r) for r in "aefg") == [0, 1, 2, 3]
+    assert kv.compact(reserve=5) == []  # more waiting than holes: nothing to move

@@ -294,7 +294,7 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
     pending = sorted(requests, key=lambda r: arrive[r])
     added, admitted, finished, aborted_step = [], [], {}, {}
     decoding: set[str] = set()  # sampled a token last step: must get one this step
-    overloads = moves = 0
+    overloads = moves = contiguous = 0
 
     def aborts_due(now: int, mid_step: bool) -> list[str]:
         due = [r for r, (after, mid) in abort_after.items() if arrive[r] + after == now]
@@ -332,6 +332,7 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
         assert not scheduled.keys() & aborted_step.keys(), "an aborted request ran"
         if not sched.num_waiting:  # compacted: the running requests hold slots 0 .. n-1
             assert {c.slot for c in out.chunks} == set(range(sched.num_running))
+            contiguous += 1
         moves += len(out.moves)
         admitted += [c.request_id for c in out.prefills]
 
@@ -350,7 +351,7 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
         pytest.fail("the requests did not finish within 5000 steps")
 
     assert overloads > 0, "the test should exercise a full queue"
-    assert moves > 10, "the test should exercise compaction"
+    assert moves > 10 and contiguous > 100, "the test should exercise compaction"
     assert admitted == [r for r in added if r in admitted], "admission was not FIFO"
     assert sched.usage().slots_used == 0
     for rid, req in requests.items():

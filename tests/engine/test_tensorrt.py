@@ -33,7 +33,7 @@ PROMPTS = [[5, 17, 42, 7], [1, 2, 3], [100, 200, 300, 400, 500], [3, 1, 4, 1, 5,
 MAX_LEN = 64
 
 
-def with_plan_artifact(package, folder, *, trt_version="10.9.0", gpu_arch="sm90"):
+def with_plan_artifact(package, folder, *, trt_version="10.9.0.34", gpu_arch="sm90"):
     """A copy of `package` whose manifest also lists a trt-fp16 artifact (a file of bytes)."""
     copy = folder / "pkg"
     shutil.copytree(package, copy)
@@ -62,15 +62,21 @@ def test_a_plan_target_without_tensorrt_says_what_to_install(tiny_package, tmp_p
     pkg = with_plan_artifact(tiny_package, tmp_path)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     with pytest.raises(LoadError, match=r"trt-fp16: TensorRT targets need tensorrt: `pip install"):
-        open_core(pkg, EngineConfig(target="trt-fp16"))
+        open_core(pkg, EngineConfig(target="trt-fp16", n_slots=4))
+    # the plan's batch bounds the slots, checked before TensorRT is needed
+    with pytest.raises(
+        LoadError, match=r"at most 16 sequences per step; --slots \(n_slots\) is 32"
+    ):
+        open_core(pkg, EngineConfig(target="trt-fp16", n_slots=32))
     # a plan is never picked by default: it is tied to the GPU and TensorRT that built it
     assert open_core(pkg, EngineConfig(n_slots=1))[1].target.startswith("onnx-")
 
 
 def test_a_plan_from_another_tensorrt_or_gpu_is_refused_with_both_named():
-    check_plan("10.9.0", "sm90", "10.9.1", "sm90")  # same minor version and GPU: runs
-    with pytest.raises(ProviderUnavailable, match=r"built by TensorRT 10\.9\.0; .* has 11\.0\.1"):
-        check_plan("10.9.0", "sm90", "11.0.1", "sm90")
+    check_plan("10.9.0.34", "sm90", "10.9.0.34", "sm90")  # the builder's version and GPU: runs
+    # TensorRT deserializes a plan only on the exact version that built it
+    with pytest.raises(ProviderUnavailable, match=r"TensorRT 10\.9\.0\.34; .* has 10\.9\.1\.2"):
+        check_plan("10.9.0.34", "sm90", "10.9.1.2", "sm90")
     with pytest.raises(ProviderUnavailable, match=r"architecture sm90; this GPU is sm89"):
         check_plan("10.9.0", "sm90", "10.9.0", "sm89")
 
