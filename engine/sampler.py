@@ -68,6 +68,8 @@ class Sampler:
                 f"{len(prompt_lens)} prompt_lens, {len(generators)} generators"
             )
         logits = np.asarray(logits, np.float32)
+        if all(_plain_greedy(p) for p in params):  # the common serving case: one argmax
+            return SampleResult(logits.argmax(axis=1), np.zeros(B, np.float32), [None] * B)
         x = apply_penalties(logits, params, histories, prompt_lens)
         temps = np.array([p.temperature for p in params], np.float32)
         drawn = np.flatnonzero(temps != 0)
@@ -98,6 +100,16 @@ class Sampler:
                 if params[i].logprobs:
                     top[i] = _top_n(rows[j], lse[j], params[i].logprobs)
         return SampleResult(tokens, chosen, top)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (
+        p.temperature == 0
+        and p.logprobs is None
+        and p.repetition_penalty == 1
+        and not p.presence_penalty
+        and not p.frequency_penalty
+    )
 
 
 def apply_penalties(
