@@ -119,12 +119,15 @@ def test_admission_errors_reach_the_caller_before_any_output(tiny_package, tok, 
             with pytest.raises(ContextOverflow, match="more than the 64"):
                 await engine.submit(EngineRequest("big", (5,) * 40, 30))
             long = await engine.submit(req(tok, "a", "Return the", 50, temperature=0))
-            first = await anext(long.__aiter__())  # a holds the only slot
+            # a holds the only slot; the iterator is kept, since an iterator the garbage
+            # collector finalizes closes its stream, which aborts the request
+            outputs = long.__aiter__()
+            first = await anext(outputs)
             waiting = await engine.submit(req(tok, "b", "class", 4, temperature=0))
             with pytest.raises(Overloaded) as e:
                 await engine.submit(req(tok, "c", "class", 4, temperature=0))
             assert e.value.retry_after_s == 3.0
-            await long.aclose()  # abandon a: its slot frees, b runs
+            await outputs.aclose()  # abandon a: its slot frees, b runs
             tokens, _, finish = await collect(waiting)
             return first, tokens, finish
 
