@@ -114,9 +114,16 @@ class StepRunner(ABC):
         host. `rows` are the cache slots of the B batch rows, a contiguous range (default
         0..B-1). The logits may be a view of a buffer the next forward overwrites."""
 
-    @abstractmethod
     def move(self, src: int, dst: int, n_tokens: int) -> None:
-        """Copies slot `src`'s first n_tokens cached positions to slot `dst`."""
+        """Copies slot `src`'s first n_tokens cached positions to slot `dst` (compaction)."""
+        if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
+            raise ValueError(f"move {src} → {dst} of {n_tokens} tokens is outside the cache")
+        self._copy_rows(src, dst, n_tokens)
+        self.lengths[dst], self.lengths[src] = n_tokens, 0
+
+    @abstractmethod
+    def _copy_rows(self, src: int, dst: int, n_tokens: int) -> None:
+        """The cache copy behind move(), every layer and kind."""
 
     def reset(self) -> None:
         """Forgets every slot's tokens. The buffers are not cleared: attention never reads past a
@@ -286,17 +293,13 @@ class OrtRunner(StepRunner):
     def can_move(self) -> bool:
         return self._host_kv is not None  # a host cache: see __init__
 
-    def move(self, src: int, dst: int, n_tokens: int) -> None:
-        """Copies slot `src`'s first n_tokens positions to slot `dst` (compaction): about
-        46 KB a token for SmolLM2-135M, ~1 ms for a 200-token row, where each idle row a decode
-        forward would otherwise carry costs a row's compute every step."""
+    def _copy_rows(self, src: int, dst: int, n_tokens: int) -> None:
+        """A numpy copy: about 46 KB a token for SmolLM2-135M, ~1 ms for a 200-token row, where
+        each idle row a decode forward would otherwise carry costs a row's compute every step."""
         if self._host_kv is None:
             raise RuntimeError(f"slots cannot move on {self.provider}: the cache is on the device")
-        if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
-            raise ValueError(f"move {src} → {dst} of {n_tokens} tokens is outside the cache")
         for array in self._host_kv.values():
             array[dst, :, :n_tokens] = array[src, :, :n_tokens]
-        self.lengths[dst], self.lengths[src] = n_tokens, 0
 
     def forward(
         self,

@@ -132,13 +132,10 @@ class TrtRunner(StepRunner):
     def can_move(self) -> bool:
         return True  # a device-to-device copy of the row's prefix
 
-    def move(self, src: int, dst: int, n_tokens: int) -> None:
-        if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
-            raise ValueError(f"move {src} → {dst} of {n_tokens} tokens is outside the cache")
+    def _copy_rows(self, src: int, dst: int, n_tokens: int) -> None:
         with self._torch.cuda.stream(self._stream):
             for t in self.cache.values():
                 t[dst, :, :n_tokens].copy_(t[src, :, :n_tokens])
-        self.lengths[dst], self.lengths[src] = n_tokens, 0
 
     def forward(
         self,
