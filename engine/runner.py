@@ -174,11 +174,7 @@ class StepRunner(ABC):
 
     def _decode(self, decodes: Sequence[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
         if decodes[-1].slot - decodes[0].slot + 1 == len(decodes):  # sorted, no idle row
-            lo, B = decodes[0].slot, len(decodes)
-            ids = np.array([c.token_ids for c in decodes], np.int64)
-            pos = np.array([c.start for c in decodes], np.int64)
-            logits = self.forward(ids, pos[:, None], pos, np.arange(B), range(lo, lo + B))
-            return [c.request_id for c in decodes], logits
+            return [c.request_id for c in decodes], self._decode_slots(decodes)
         by_slot = {c.slot: c for c in decodes}
         lo, hi = min(by_slot), max(by_slot)
         B = hi - lo + 1
@@ -197,6 +193,14 @@ class StepRunner(ABC):
             dummy[rows] = False
             self.lengths[lo : hi + 1][dummy] = keep[dummy]
         return [by_slot[s].request_id for s in slots], logits
+
+    def _decode_slots(self, decodes: Sequence[ScheduledChunk]) -> np.ndarray:
+        """One token for each of the decodes, which hold consecutive slots from decodes[0]'s:
+        logits [B, V]. The steady state of serving: every step of every stream runs this."""
+        lo, B = decodes[0].slot, len(decodes)
+        ids = np.array([c.token_ids for c in decodes], np.int64)
+        pos = np.array([c.start for c in decodes], np.int64)
+        return self.forward(ids, pos[:, None], pos, np.arange(B), range(lo, lo + B))
 
     def _prefill(self, run: list[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
         lens = np.array([c.n_tokens for c in run])
@@ -284,6 +288,7 @@ class OrtRunner(StepRunner):
         self._bound_inputs: _Inputs | None = None
         self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
+        self._lengths_view = memoryview(self.lengths)  # item writes without numpy
 
     @property
     def kv_bytes(self) -> int:
@@ -314,8 +319,46 @@ class OrtRunner(StepRunner):
         B, S = input_ids.shape
         seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
         rows, total = self._check_forward(B, S, rows, seqlens_k)
+        inputs = self._bind(B, S, len(logits_idx), rows.start)
+        inputs.arrays["input_ids"][...] = input_ids
+        inputs.arrays["position_ids"][...] = positions
+        inputs.arrays["seqlens_k"][...] = seqlens_k
+        inputs.arrays["total_sequence_length"][...] = total
+        inputs.arrays["logits_idx"][...] = logits_idx
+        self.session.run_with_iobinding(self.binding)
+        self.lengths[rows.start : rows.stop] = seqlens_k + 1
+        return self._logits
+
+    def _decode_slots(self, decodes: Sequence[ScheduledChunk]) -> np.ndarray:
+        """StepRunner._decode_slots without numpy: the inputs are written as Python ints through
+        memoryviews of the bound arrays. Right after a forward has streamed the weights through
+        the caches, each numpy call costs 10-30 µs (its code and data are cold), and a batch-1
+        decode made about fifteen of them; this saves ~90 µs of a ~8 ms int4 step (1%)."""
+        lo, B = decodes[0].slot, len(decodes)
+        if lo < 0 or lo + B > self.n_slots:
+            raise ValueError(f"slots {lo}..{lo + B - 1} are outside 0..{self.n_slots - 1}")
+        ids, positions, seqlens_k, total, logits_idx = self._bind(B, 1, B, lo).views
+        longest = 0
+        for i, c in enumerate(decodes):
+            ids[i] = c.token_ids[0]
+            positions[i] = seqlens_k[i] = c.start
+            logits_idx[i] = i
+            longest = max(longest, c.start)
+        if longest >= self.max_len:
+            raise ValueError(f"total length {longest + 1} must be <= max_len={self.max_len}")
+        total[()] = longest + 1
+        self.session.run_with_iobinding(self.binding)
+        lengths = self._lengths_view
+        for i, c in enumerate(decodes):
+            lengths[lo + i] = c.start + 1
+        return self._logits
+
+    def _bind(self, B: int, S: int, N: int, first_slot: int) -> _Inputs:
+        """Binds the inputs of a (B, S) forward sampling N rows, the KV rows of slots
+        first_slot .. first_slot + B - 1 and a logits buffer, each only where the last forward
+        bound something else; returns the inputs for the caller to fill."""
         b = self.binding
-        key = (B, S, len(logits_idx))
+        key = (B, S, N)
         inputs = self._inputs.get(key)
         if inputs is None:  # decode shapes are bound once; a step only writes into them
             inputs = _Inputs(*key)
@@ -325,26 +368,18 @@ class OrtRunner(StepRunner):
             for name, value in inputs.ortvalues.items():
                 b.bind_ortvalue_input(name, value)
             self._bound_inputs = inputs
-        inputs.arrays["input_ids"][...] = input_ids
-        inputs.arrays["position_ids"][...] = positions
-        inputs.arrays["seqlens_k"][...] = seqlens_k
-        inputs.arrays["total_sequence_length"][...] = total
-        inputs.arrays["logits_idx"][...] = logits_idx
-        if (rows.start, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
+        if (first_slot, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
             shape = (B, *self._row_shape)
-            offset = rows.start * self._row_bytes
+            offset = first_slot * self._row_bytes
             for name, value in self.kv.items():
                 ptr = value.data_ptr() + offset
                 b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
                 b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
-            self._bound_rows = (rows.start, B)
-        N = len(logits_idx)
+            self._bound_rows = (first_slot, B)
         if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
             self._logits = np.empty((N, self.vocab_size), dtype=np.float32)
             b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-        self.session.run_with_iobinding(b)
-        self.lengths[rows.start : rows.stop] = seqlens_k + 1
-        return self._logits
+        return inputs
 
 
 class _Inputs:
@@ -361,6 +396,8 @@ class _Inputs:
             "logits_idx": np.zeros(N, np.int64),
         }
         self.ortvalues = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
+        # the same memory, flat, in the order above: OrtRunner._decode_slots writes through it
+        self.views = tuple(memoryview(v.reshape(-1) if v.ndim else v) for v in self.arrays.values())
 
 
 def _padding_bounded(run: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
