@@ -67,9 +67,9 @@ class Sampler:
                 f"{B} rows of logits but {len(params)} params, {len(histories)} histories, "
                 f"{len(prompt_lens)} prompt_lens, {len(generators)} generators"
             )
-        logits = np.asarray(logits, np.float32)
         if all(_plain_greedy(p) for p in params):  # the common serving case: one argmax
             return SampleResult(logits.argmax(axis=1), np.zeros(B, np.float32), [None] * B)
+        logits = np.asarray(logits, np.float32)
         x = apply_penalties(logits, params, histories, prompt_lens)
         temps = np.array([p.temperature for p in params], np.float32)
         drawn = np.flatnonzero(temps != 0)
