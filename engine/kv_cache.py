@@ -80,6 +80,8 @@ class KVSlots:
         below it, leaving the `reserve` lowest free slots for requests about to be admitted
         (they take the lowest first), so the taken slots end up contiguous from 0. Returns
         (request_id, from, to) per move; the caller copies each cache row before it is used."""
+        if not self._owner or max(self._owner) == len(self._owner) - 1:
+            return []  # taken slots are 0 .. n-1 already: the steady state, checked each step
         moves = []
         while self._owner and len(self._free) > reserve:
             target = sorted(self._free)[reserve]

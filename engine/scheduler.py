@@ -83,12 +83,13 @@ class SchedulerOutput:
 
     # the rule's result, {request_id: n_tokens}; what the runner must compute this step
     num_scheduled_tokens: dict[str, int]
-    # one token on top of a past, rows at different positions: one batched forward
+    # one token on top of a past that samples, rows at different positions: one batched forward
     decodes: tuple[ScheduledChunk, ...]
     # the first chunk of a prompt (no past): one batched, right-padded forward
     prefills: tuple[ScheduledChunk, ...]
-    # a later prompt chunk of several tokens on top of a past; at most one per step (see
-    # schedule()), because ONNX Runtime's CPU GroupQueryAttention runs it only at batch 1
+    # a later prompt chunk on top of a past (several tokens, or one that does not sample); at
+    # most one per step (see schedule()): ONNX Runtime's CPU GroupQueryAttention runs it only
+    # at batch 1
     continuations: tuple[ScheduledChunk, ...]
     # requests aborted since the last step; their slots are free again, the runner forgets them
     aborted: tuple[str, ...]
@@ -218,11 +219,15 @@ class Scheduler:
 
         assert budget >= 0, budget
         self._in_flight = {c.request_id: c for c in chunks}
+        # a one-token chunk of a prompt (the budget left beside the decodes) is a continuation,
+        # not a decode: it samples nothing, and the runner returns logits for every decode
         return SchedulerOutput(
             num_scheduled_tokens={c.request_id: c.n_tokens for c in chunks},
-            decodes=tuple(c for c in chunks if c.start > 0 and c.n_tokens == 1),
+            decodes=tuple(c for c in chunks if c.start > 0 and c.n_tokens == 1 and c.sample),
             prefills=tuple(c for c in chunks if c.start == 0),
-            continuations=tuple(c for c in chunks if c.start > 0 and c.n_tokens > 1),
+            continuations=tuple(
+                c for c in chunks if c.start > 0 and (c.n_tokens > 1 or not c.sample)
+            ),
             aborted=aborted,
             moves=moves,
         )

@@ -113,6 +113,31 @@ def test_join_and_leave_at_every_step_changes_nobodys_output(tiny_package, token
         )
 
 
+def test_a_one_token_prompt_chunk_beside_full_decodes_does_not_sample(tiny_package, tokenizer):
+    """token_budget == n_slots: with the other slots decoding, the prompt in progress gets one
+    token per step, a chunk that must not sample (it is not the prompt's last token)."""
+    requests = [
+        req(tokenizer, "a", PROMPTS[0], 30, temperature=0),
+        req(tokenizer, "b", PROMPTS[1], 30, temperature=0),
+        req(tokenizer, "long", " ".join(PROMPTS), 4, temperature=0),
+    ]
+    core = make_core(tiny_package, n_slots=3, token_budget=3)
+    chunked = []
+    plan = core.plan
+
+    def recorded():
+        p = plan()
+        chunked.extend(c for c in p.step.chunks if c.request_id == "long" and c.start > 0)
+        return p
+
+    core.plan = recorded
+    together = drain(core, on_step=lambda s: s < 3 and core.add(requests[s]))
+    assert any(c.n_tokens == 1 and not c.sample for c in chunked), "no one-token chunk ran"
+    for r in requests:
+        got, want = together[(r.request_id, 0)], alone(tiny_package, r)[(r.request_id, 0)]
+        assert (got["tokens"], got["text"]) == (want["tokens"], want["text"]), r.request_id
+
+
 def test_random_arrivals_lengths_and_aborts_match_each_request_alone(tiny_package, tokenizer):
     """100 requests with random prompts, lengths, sampling settings, arrival steps and aborts;
     every request that was not aborted must produce exactly its output when run alone."""

@@ -99,6 +99,23 @@ def test_a_long_prompt_is_chunked_within_the_budget():
     assert outs[1].continuations[0].token_ids == tuple(range(9, 17))
 
 
+def test_a_one_token_prompt_chunk_is_a_continuation_not_a_decode():
+    """token_budget == n_slots: beside two decodes the prompt in progress gets one token a
+    step. Such a chunk samples nothing, so it must not ride in the decode forward (the runner
+    returns logits for every decode)."""
+    sched, model = scheduler(n_slots=3, token_budget=3), FakeModel()
+    sched.add(request("a", prompt=1, max_tokens=20))
+    sched.add(request("b", prompt=1, max_tokens=20))
+    step(sched, model)
+    sched.add(request("long", prompt=10, max_tokens=2))
+    seen = []
+    for _ in range(6):
+        out, _ = step(sched, model)
+        assert all(c.sample for c in out.decodes)
+        seen += [c for c in out.continuations if c.n_tokens == 1 and not c.sample]
+    assert seen and all(c.request_id == "long" for c in seen)
+
+
 def test_at_most_one_request_is_part_way_through_its_prompt():
     # a cut-short chunk uses up the budget, so b waits rather than starting a second partial
     sched, model = scheduler(token_budget=20), FakeModel()
@@ -328,6 +345,8 @@ def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
         assert len(set(slots)) == len(slots), "a slot double-booked within a step"
         assert all(sched.kv.slot_of(c.request_id) == c.slot for c in out.chunks)
         assert len(out.continuations) <= 1, "two batch-1 forwards in one step"
+        # the runner returns logits for every decode: a decode that does not sample is a bug
+        assert all(c.sample and c.n_tokens == 1 and c.start > 0 for c in out.decodes)
         assert all(scheduled.get(r) == 1 for r in decoding), "a running stream stalled"
         assert not scheduled.keys() & aborted_step.keys(), "an aborted request ran"
         if not sched.num_waiting:  # compacted: the running requests hold slots 0 .. n-1
