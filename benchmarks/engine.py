@@ -198,11 +198,18 @@ def static_batch(args, wave) -> tuple[list[list[int]], int]:
 
 
 class Ours:
-    def __init__(self, package: Path, precision: str, n_slots: int, max_len: int, threads: int):
+    def __init__(
+        self, package: Path, precision: str, n_slots: int, max_len: int, threads: int, **settings
+    ):
+        """settings: more EngineConfig fields (benchmarks/engine_hugepages.py turns one off)."""
         from engine.loader import EngineConfig, open_core
 
         config = EngineConfig(
-            target=f"onnx-{precision}", n_slots=n_slots, threads=threads, max_len=max_len
+            target=f"onnx-{precision}",
+            n_slots=n_slots,
+            threads=threads,
+            max_len=max_len,
+            **settings,
         )
         self.core, self.info = open_core(package, config)
         self._ids = itertools.count()

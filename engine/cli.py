@@ -44,6 +44,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="ONNX Runtime threads spin between parallel sections (--no-spin-wait frees the "
         "cores for the HTTP server on a small machine)",
     )
+    p.add_argument(
+        "--huge-pages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="back the weights and the KV cache with 2 MiB transparent huge pages (Linux)",
+    )
 
 
 def engine_config(args: argparse.Namespace):
@@ -58,6 +64,7 @@ def engine_config(args: argparse.Namespace):
         token_budget=args.token_budget,
         max_waiting=args.max_waiting,
         spin_wait=args.spin_wait,
+        huge_pages=args.huge_pages,
     )
 
 
@@ -83,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
         info = engine.info
         print(
             f"engine server for {info.model} ({info.target} on {info.provider}, "
-            f"{info.n_slots} slots × {info.max_len} tokens) listening on {args.host}:{port}",
+            f"{info.n_slots} slots × {info.max_len} tokens) listening on {args.host}:{port}; "
+            f"{engine.core.runner.huge_pages.describe()}",
             flush=True,
         )
         stop = asyncio.Event()

@@ -39,6 +39,9 @@ class EngineConfig:
     # ONNX Runtime's worker threads spin between parallel sections (lower latency when the
     # engine has the cores to itself; off leaves them to the HTTP server on a small machine)
     spin_wait: bool = True
+    # back the prepacked weights and the KV cache with 2 MiB pages where the kernel has
+    # transparent huge pages (Linux): fewer TLB misses as each step streams the weights
+    huge_pages: bool = True
     # sequences decoded together (KV cache rows)
     n_slots: int = 32
     # tokens per slot; None takes the artifact's max_len. The cache is n_slots × max_len
@@ -122,6 +125,7 @@ def _open_runner(
         threads=config.threads,
         provider=config.provider,
         spin_wait=config.spin_wait,
+        huge_pages=config.huge_pages,
     )
 
 

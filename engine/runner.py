@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from engine.hugepages import HugePages, anonymous_regions, back_with_huge_pages
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 # the setting users pick → ONNX Runtime's provider list (first preferred; CPU runs what is left)
@@ -90,6 +91,7 @@ class StepRunner(ABC):
     vocab_size: int
     provider: str
     lengths: np.ndarray  # tokens cached per slot
+    huge_pages = HugePages(0, 0, "the cache is not in host memory")  # engine/hugepages.py
 
     @property
     @abstractmethod
@@ -238,6 +240,7 @@ class OrtRunner(StepRunner):
         threads: int | None = None,
         provider: str = "cpu",
         spin_wait: bool = True,
+        huge_pages: bool = True,
     ):
         if n_slots < 1:
             raise ValueError(f"n_slots={n_slots} must be >= 1")
@@ -249,6 +252,7 @@ class OrtRunner(StepRunner):
         # between forwards, from the Python of the step and from anything else on the machine
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         providers = check_provider(provider)
+        before = anonymous_regions()
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = _DEVICE.get(self.provider, "cuda")
@@ -289,6 +293,11 @@ class OrtRunner(StepRunner):
         self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
         self._lengths_view = memoryview(self.lengths)  # item writes without numpy
+        # the prepacked weights and the KV cache on 2 MiB pages (engine/hugepages.py)
+        if not huge_pages:
+            self.huge_pages = HugePages(0, 0, "turned off")
+        elif self.device == "cpu":
+            self.huge_pages = back_with_huge_pages(before)
 
     @property
     def kv_bytes(self) -> int:
