@@ -728,6 +728,7 @@ def main(argv=None) -> int:
             "n_slots": max(args.concurrency),
             "max_len": engine_max_len,
             "packages": {p: str(v) for p, v in packages.items()},
+            "huge_pages": {p: e.core.runner.huge_pages.describe() for p, e in ours.items()},
         },
         "load_avg": {"start": load_start, "per_round": loads, "end": os.getloadavg()},
         "wall_s": time.time() - started,
@@ -866,6 +867,7 @@ def format_report(r: dict) -> str:
             f"{n}×({s['prompt_len']} in, {s['output_len']} out)"
             for n, s in r["static_batches"].items()
         ),
+        "ours: " + "; ".join(f"{p} {d}" for p, d in r["engine"].get("huge_pages", {}).items()),
         "",
         f"{'':44} {'ours':>9} {'genai':>9} {'HF':>9} {'ours/genai':>11} {'target':>10}"
         f" {'ours/HF':>9}",

@@ -36,7 +36,9 @@ def worker(conn, package: str, precision: str, streams: int, threads: int, huge:
     wave_args = bench.parse_args(["--precisions", precision])
     max_len = wave_args.prompt_lens[1] + wave_args.output_lens[1]
     ours = bench.Ours(Path(package), precision, streams, max_len, threads, huge_pages=huge)
-    conn.send(ours.core.runner.huge_pages.describe())
+    status = Path("/proc/self/status").read_text().splitlines()
+    rss_mib = int(next(x for x in status if x.startswith("VmRSS")).split()[1]) >> 10
+    conn.send(f"{ours.core.runner.huge_pages.describe()}; process resident {rss_mib} MiB")
     prompt = bench.random_prompt(random.Random("single"), bench.TTFT_SHORT)
     wave = bench.make_wave(wave_args, streams)
     runs = {
