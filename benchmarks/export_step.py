@@ -230,9 +230,14 @@ def main(argv=None) -> None:
             target=worker, args=(child, key[0], source, max(batches), args.max_len, args.threads)
         )
         proc.start()
+        child.close()  # the worker holds the only other end: its death ends our recv() with EOF
         workers[key] = (proc, parent)
-    for _, conn in workers.values():
-        assert conn.recv() == "ready"
+    for key, (proc, conn) in workers.items():
+        try:
+            assert conn.recv() == "ready"
+        except EOFError:
+            proc.join()
+            sys.exit(f"the {'-'.join(key)} worker died while loading (exit code {proc.exitcode})")
 
     import random
 
