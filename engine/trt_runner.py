@@ -148,7 +148,8 @@ class TrtRunner(StepRunner):
         input_ids = np.asarray(input_ids)
         B, S = input_ids.shape
         seqlens = np.asarray(seqlens_k, dtype=np.int32)
-        rows, total = self._check_forward(B, S, rows, seqlens)
+        total = int(seqlens.max()) + 1
+        rows = self._check_forward(B, S, rows, total)
         with self._torch.cuda.stream(self._stream):
             logits = self._run(input_ids, positions, seqlens, logits_idx, rows, total)
             out = logits.float().cpu().numpy()  # waits for the stream
