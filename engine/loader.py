@@ -15,6 +15,7 @@ import msgspec
 from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
 from engine.detokenizer import TokenBytes
+from engine.graph import ORT, UnsupportedGraph, check_version
 from engine.outputs import EngineInfo
 from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable, StepRunner
 from engine.scheduler import SchedulerConfig
@@ -96,7 +97,7 @@ def choose_artifact(manifest: Manifest, target: str | None = None) -> Artifact:
         report = manifest.reports.parity.get(a.target)
         failed = report is not None and not report.passed
         bits = a.quantization.bits if a.quantization else 32
-        return (failed, bits, a.flavour != "ort")
+        return (failed, bits, a.flavour != ORT)
 
     return min(runnable, key=rank)
 
@@ -139,6 +140,13 @@ def open_core(
     except (ManifestError, OSError) as e:
         raise LoadError(f"{package_dir}: {e}") from None
     artifact = choose_artifact(manifest, config.target)
+    source = f"{package_dir} target {artifact.target}"
+    try:
+        # the manifest's record: the only one a TensorRT plan has (the runner checks an ONNX
+        # graph's own metadata too)
+        check_version(artifact.graph_version, source)
+    except UnsupportedGraph as e:
+        raise LoadError(str(e)) from None
     problems = check_files(package_dir, [*manifest.tokenizer.files, *artifact.files])
     if problems:
         raise LoadError(f"{package_dir} is damaged: {'; '.join(problems)}")
@@ -152,6 +160,8 @@ def open_core(
         runner = _open_runner(package_dir, artifact, config, max_len)
     except ProviderUnavailable as e:
         raise LoadError(f"{artifact.target}: {e}") from None
+    except UnsupportedGraph as e:  # it names the file; the package and target say more
+        raise LoadError(str(UnsupportedGraph(e.version, source))) from None
     tokenizer_json = (package_dir / "tokenizer.json").read_text(encoding="utf-8")
     core = EngineCore(
         runner, config.scheduler(max_len, runner.can_move), TokenBytes(tokenizer_json)

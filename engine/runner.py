@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from engine import graph
 from engine.hugepages import HugePages, anonymous_regions, back_with_huge_pages
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -255,14 +256,17 @@ class OrtRunner(StepRunner):
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = _DEVICE.get(self.provider, "cuda")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # before any name is looked up: another contract may name or mean its inputs otherwise
+        graph.check_version(graph.graph_version(meta), str(path))
 
         inputs = {i.name: i for i in self.session.get_inputs()}
-        past = inputs["past_key_0"]
-        n_layers = sum(name.startswith("past_key_") for name in inputs)
+        past = inputs[graph.past_name(graph.KEY, 0)]
+        n_layers = graph.count_layers(inputs)
         self.kv_dtype = _DTYPES[past.type]
         _, n_kv_heads, capacity, head_dim = past.shape
         # a symbolic cache length (ORT flavour) takes max_len; a fixed one (portable) is kept
-        graph_len = capacity if isinstance(capacity, int) else _graph_max_len(self.session)
+        graph_len = capacity if isinstance(capacity, int) else _graph_max_len(meta)
         if not 1 <= max_len <= graph_len:
             raise ValueError(f"max_len={max_len} must be in 1..{graph_len}, the graph's max_len")
         capacity = capacity if isinstance(capacity, int) else max_len
@@ -273,13 +277,13 @@ class OrtRunner(StepRunner):
         # allocated once and zeroed once: the pages are touched at load rather than in the first
         # decode steps, and a bug that read past a row's length would read zeros, not garbage
         shape = (n_slots, *self._row_shape)
-        names = [f"{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
-        self.kv: dict[str, ort.OrtValue] = {}
+        self._cache_names = graph.cache_names(n_layers)  # (past, present) pairs
+        self.kv: dict[str, ort.OrtValue] = {}  # by past name
         # ONNX Runtime allocates the cache (a numpy-allocated one decoded ~3% slower at batch 1,
         # measured alternating); on the CPU a numpy view of the same memory lets move() copy rows
         self._host_kv: dict[str, np.ndarray] | None = {} if self.device == "cpu" else None
         zeros = np.zeros(shape, dtype=self.kv_dtype)
-        for name in names:
+        for name, _ in self._cache_names:
             value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
             value.update_inplace(zeros)
             self.kv[name] = value
@@ -329,11 +333,12 @@ class OrtRunner(StepRunner):
         total = int(seqlens_k.max()) + 1
         rows = self._check_forward(B, S, rows, total)
         inputs = self._bind(B, S, len(logits_idx), rows.start)
-        inputs.arrays["input_ids"][...] = input_ids
-        inputs.arrays["position_ids"][...] = positions
-        inputs.arrays["seqlens_k"][...] = seqlens_k
-        inputs.arrays["total_sequence_length"][...] = total
-        inputs.arrays["logits_idx"][...] = logits_idx
+        arrays = inputs.arrays
+        arrays[graph.INPUT_IDS][...] = input_ids
+        arrays[graph.POSITION_IDS][...] = positions
+        arrays[graph.SEQLENS_K][...] = seqlens_k
+        arrays[graph.TOTAL_SEQUENCE_LENGTH][...] = total
+        arrays[graph.LOGITS_IDX][...] = logits_idx
         self.session.run_with_iobinding(self.binding)
         self.lengths[rows.start : rows.stop] = seqlens_k + 1
         return self._logits
@@ -376,14 +381,14 @@ class OrtRunner(StepRunner):
         if (first_slot, B) != self._bound_rows:  # rebinding 2L buffers costs ~5% of a step
             shape = (B, *self._row_shape)
             offset = first_slot * self._row_bytes
-            for name, value in self.kv.items():
-                ptr = value.data_ptr() + offset
-                b.bind_input(f"past_{name}", self.device, 0, self.kv_dtype, shape, ptr)
-                b.bind_output(f"present_{name}", self.device, 0, self.kv_dtype, shape, ptr)
+            for past, present in self._cache_names:
+                ptr = self.kv[past].data_ptr() + offset
+                b.bind_input(past, self.device, 0, self.kv_dtype, shape, ptr)
+                b.bind_output(present, self.device, 0, self.kv_dtype, shape, ptr)
             self._bound_rows = (first_slot, B)
         if self._logits.shape[0] != N:  # a preallocated output: no allocation per decode step
             self._logits = np.empty((N, self.vocab_size), dtype=np.float32)
-            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+            b.bind_ortvalue_output(graph.LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
         return inputs
 
 
@@ -394,11 +399,11 @@ class _Inputs:
 
     def __init__(self, B: int, S: int, N: int):
         self.arrays = {
-            "input_ids": np.zeros((B, S), np.int64),
-            "position_ids": np.zeros((B, S), np.int64),
-            "seqlens_k": np.zeros(B, np.int32),
-            "total_sequence_length": np.zeros((), np.int32),
-            "logits_idx": np.zeros(N, np.int64),
+            graph.INPUT_IDS: np.zeros((B, S), np.int64),
+            graph.POSITION_IDS: np.zeros((B, S), np.int64),
+            graph.SEQLENS_K: np.zeros(B, np.int32),
+            graph.TOTAL_SEQUENCE_LENGTH: np.zeros((), np.int32),
+            graph.LOGITS_IDX: np.zeros(N, np.int64),
         }
         self.ortvalues = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
         # the same memory, flat, in the order above: OrtRunner._decode_slots writes through it
@@ -446,16 +451,14 @@ def _host_view(value: ort.OrtValue, shape: tuple[int, ...], dtype) -> np.ndarray
     return np.frombuffer(memory, dtype=dtype).reshape(shape)
 
 
-def _graph_max_len(session: ort.InferenceSession) -> int:
-    meta = session.get_modelmeta().custom_metadata_map
-    for key in ("aimass.max_len", "max_len"):
-        if key in meta:
-            return int(meta[key])
-    raise ValueError("the graph states no max_len in its metadata")
+def _graph_max_len(meta: dict[str, str]) -> int:
+    if graph.MAX_LEN_KEY in meta:
+        return int(meta[graph.MAX_LEN_KEY])
+    raise ValueError(f"the graph states no max_len in its metadata ({graph.MAX_LEN_KEY})")
 
 
 def _vocab_size(session: ort.InferenceSession) -> int:
-    logits = next(o for o in session.get_outputs() if o.name == "logits")
+    logits = next(o for o in session.get_outputs() if o.name == graph.LOGITS)
     if isinstance(logits.shape[-1], int):
         return logits.shape[-1]
     raise ValueError(f"the graph's logits have no fixed vocabulary size: {logits.shape}")

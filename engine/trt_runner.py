@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import graph
 from engine.runner import ProviderUnavailable, StepRunner
 
 INSTALL_HINT = (
@@ -91,7 +92,14 @@ class TrtRunner(StepRunner):
             trt.bool: torch.bool,
         }
         self._dtypes = {n: torch_dtypes[engine.get_tensor_dtype(n)] for n in names}
-        self.pairs = [(n, "present_" + n[5:]) for n in names if n.startswith("past_")]
+        self.pairs = graph.cache_names(graph.count_layers(self.inputs))
+        missing = [n for pair in self.pairs for n in pair if n not in names]
+        if not self.pairs or missing:
+            lacks = ", ".join(missing) or graph.past_name(graph.KEY, 0)
+            raise ValueError(
+                f"{path}: the plan has no {lacks} tensor: it was not built from an engine graph "
+                f"of contract version {graph.GRAPH_VERSION}"
+            )
         _, K, M, hd = engine.get_tensor_shape(self.pairs[0][0])
         self.plan_max_batch = int(engine.get_tensor_profile_shape(self.pairs[0][0], DECODE)[2][0])
         if not 1 <= max_len <= M:
@@ -110,7 +118,7 @@ class TrtRunner(StepRunner):
             )
         self.n_slots, self.max_len, self.in_place = n_slots, max_len, in_place
         self.provider = "tensorrt"
-        self.vocab_size = int(engine.get_tensor_shape("logits")[1])
+        self.vocab_size = int(engine.get_tensor_shape(graph.LOGITS)[1])
         self.cache = {
             p: torch.zeros((n_slots, K, M, hd), dtype=self._dtypes[p], device="cuda")
             for p, _ in self.pairs
@@ -160,11 +168,11 @@ class TrtRunner(StepRunner):
         torch = self._torch
         S = input_ids.shape[1]
         host = {
-            "input_ids": input_ids,
-            "position_ids": np.asarray(positions),
-            "seqlens_k": seqlens,
-            "total_sequence_length": np.array(total, dtype=np.int32),
-            "logits_idx": np.asarray(logits_idx),
+            graph.INPUT_IDS: input_ids,
+            graph.POSITION_IDS: np.asarray(positions),
+            graph.SEQLENS_K: seqlens,
+            graph.TOTAL_SEQUENCE_LENGTH: np.array(total, dtype=np.int32),
+            graph.LOGITS_IDX: np.asarray(logits_idx),
         }
         feeds = {  # host arrays → device tensors of the plan's dtypes
             n: torch.as_tensor(np.ascontiguousarray(v)).to("cuda", self._dtypes[n])
@@ -177,9 +185,9 @@ class TrtRunner(StepRunner):
             self.context.set_optimization_profile_async(profile, stream)
             self._profile = profile
         logits = torch.empty(
-            (len(host["logits_idx"]), self.vocab_size), dtype=self._dtypes["logits"], device="cuda"
+            (len(logits_idx), self.vocab_size), dtype=self._dtypes[graph.LOGITS], device="cuda"
         )
-        binds = [*feeds.items(), ("logits", logits)]
+        binds = [*feeds.items(), (graph.LOGITS, logits)]
         for past, present in self.pairs:
             view = self.cache[past][rows.start : rows.stop]  # contiguous: nothing is copied
             out = view if self.in_place else self._scratch[past][rows.start : rows.stop]

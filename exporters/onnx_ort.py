@@ -1,33 +1,11 @@
 """The ONNX Runtime flavour of the engine graph (contract 2), built node by node from the weights.
 
-Like onnxruntime-genai's model builder, the graph is written directly with `onnx.helper` rather
-than traced: ORT's fused contrib ops (domain com.microsoft) replace whole subgraphs that an
+Like onnxruntime-genai's model builder, the graph is written directly (exporters/graph_builder.py)
+rather than traced: ORT's fused contrib ops (domain com.microsoft) replace whole subgraphs that an
 exporter would otherwise emit and ORT would have to pattern-match back together.
 
-Graph contract (fp32; B batch, S new tokens, N logits wanted, L layers, K kv heads, hd head dim,
-M the KV buffers' length, chosen by the runner (<= max_len), V vocabulary):
-
-    +---------------------------+---------+-----------------+----------------------------------+
-    | input                     | dtype   | shape           | meaning                          |
-    +---------------------------+---------+-----------------+----------------------------------+
-    | input_ids                 | int64   | [B, S]          | right-padded new tokens per row  |
-    | position_ids              | int64   | [B, S]          | absolute position of each token  |
-    | seqlens_k                 | int32   | [B]             | row's total length - 1, after    |
-    |                           |         |                 | this step (past + real new)      |
-    | total_sequence_length     | int32   | []              | max over rows of seqlens_k + 1   |
-    | logits_idx                | int64   | [N]             | indices into the flat B*S token  |
-    |                           |         |                 | axis whose logits are returned   |
-    | past_key_{i}, past_value_i| float32 | [B, K, M, hd]   | KV cache, i in 0..L-1            |
-    +---------------------------+---------+-----------------+----------------------------------+
-    | output                    |         |                 |                                  |
-    +---------------------------+---------+-----------------+----------------------------------+
-    | logits                    | float32 | [N, V]          | rows in logits_idx order         |
-    | present_key_{i}, ..._value| float32 | [B, K, M, hd]   | the SAME buffers as past_*: bind |
-    |                           |         |                 | each present to its past OrtValue|
-    +---------------------------+---------+-----------------+----------------------------------+
-
-metadata_props: aimass.model_config (ModelConfig JSON), aimass.max_len (positions < max_len:
-the rotary tables' length), aimass.graph_flavour ("ort"), aimass.dtype ("float32").
+Graph contract: the inputs, outputs and metadata of engine/graph.py, in float32, flavour "ort";
+the cache length is the symbolic `kv_len` (a runner allocates up to max_len positions).
 
 What GroupQueryAttention (ORT 1.32, CPU) accepts under this contract, proven in
 tests/exporters/test_onnx_ort.py. The kernel tells the phases apart by S and
@@ -69,52 +47,22 @@ symmetric RTN); the embedding Gather stays fp32. `save` always writes the weight
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
+from engine import graph
+from exporters.graph_builder import GraphBuilder, graph_metadata
 from trainer.config import ModelConfig
 from trainer.model import Transformer, rope_cos_sin
 
-# metadata_props, the same keys as the portable flavour's
-CONFIG_KEY = "aimass.model_config"  # the ModelConfig as JSON
-MAX_LEN_KEY = "aimass.max_len"  # positions < max_len (the rotary tables' length)
-FLAVOUR = "ort"
 OPSET = 21
+# GroupQueryAttention and SkipSimplifiedLayerNormalization; SimplifiedLayerNormalization is
+# registered by ORT in the default ONNX domain
 MS_DOMAIN = "com.microsoft"
-
-
-class _Graph:
-    """Accumulates nodes, initializers and the graph's inputs and outputs."""
-
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> str:
-        domain = MS_DOMAIN if op_type in _CONTRIB_OPS else ""
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name, domain=domain, **attrs))
-        return outputs[0]
-
-    def io(self, kind: str, name: str, dtype: int, shape: list) -> None:
-        target = self.inputs if kind == "input" else self.outputs
-        target.append(helper.make_tensor_value_info(name, dtype, shape))
-
-
-# SimplifiedLayerNormalization is registered by ORT in the default ONNX domain, not com.microsoft
-_CONTRIB_OPS = {"SkipSimplifiedLayerNormalization", "GroupQueryAttention", "MatMulNBits"}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -131,120 +79,128 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
     cfg = model.cfg
     if max_len < 1:
         raise ValueError(f"max_len={max_len} must be >= 1")
-    g = _Graph()
-    g.io("input", "input_ids", TensorProto.INT64, ["B", "S"])
-    g.io("input", "position_ids", TensorProto.INT64, ["B", "S"])
-    g.io("input", "seqlens_k", TensorProto.INT32, ["B"])
-    g.io("input", "total_sequence_length", TensorProto.INT32, [])
-    g.io("input", "logits_idx", TensorProto.INT64, ["N"])
-    g.io("output", "logits", TensorProto.FLOAT, ["N", cfg.vocab_size])
+    g = GraphBuilder()
+    # the KV length is symbolic: a runner may allocate fewer positions than the rotary tables
+    # hold (max_len), e.g. to serve short contexts in less memory
+    g.declare_io(
+        n_layers=cfg.n_layers,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        kv_len=graph.KV_LEN,
+        vocab_size=cfg.vocab_size,
+    )
 
     # rotary tables computed exactly as trainer.model does (fp32), the half width GQA wants
     cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta)  # (M, hd)
-    g.weight("cos_cache", _np(cos[:, : cfg.head_dim // 2]))
-    g.weight("sin_cache", _np(sin[:, : cfg.head_dim // 2]))
-    g.weight("embed_tokens.weight", _np(model.embed_tokens.weight))
-    x = g.op("Gather", ["embed_tokens.weight", "input_ids"], ["embeds"], "embed")  # (B, S, D)
+    g.const("cos_cache", _np(cos[:, : cfg.head_dim // 2]))
+    g.const("sin_cache", _np(sin[:, : cfg.head_dim // 2]))
+    g.const("embed_tokens.weight", _np(model.embed_tokens.weight))
+    x = g.op("Gather", "embed_tokens.weight", graph.INPUT_IDS, outputs=["embeds"], name="embed")
+    # (B, S, D)
 
     # residual adds are fused into the next norm: block i's MLP output and the running sum
     # enter block i+1's SkipSimplifiedLayerNormalization, which returns both norm and new sum
     residual, pending = x, None
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
-        w = g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight))
+        w = g.const(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight))
         if pending is None:
-            eps = cfg.norm_eps
-            h = g.op("SimplifiedLayerNormalization", [x, w], [f"{p}.ln1"], f"{p}.ln1", epsilon=eps)
+            h = g.op(
+                "SimplifiedLayerNormalization",
+                x,
+                w,
+                outputs=[f"{p}.ln1"],
+                name=f"{p}.ln1",
+                epsilon=cfg.norm_eps,
+            )
         else:
             h, residual = _skip_norm(g, pending, residual, w, f"{p}.ln1", cfg.norm_eps)
         attn_out = _attention(g, layer.self_attn, h, i, cfg)
-        w = g.weight(
+        w = g.const(
             f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)
         )
         h, residual = _skip_norm(g, attn_out, residual, w, f"{p}.ln2", cfg.norm_eps)
         pending = _mlp(g, layer.mlp, h, p)
 
-    w = g.weight("norm.weight", _np(model.norm.weight))
+    w = g.const("norm.weight", _np(model.norm.weight))
     h, _ = _skip_norm(g, pending, residual, w, "norm", cfg.norm_eps, want_sum=False)
     # only the asked-for tokens reach the lm_head: a 512-token prefill computes one row of logits
-    g.weight("hidden_2d_shape", np.array([-1, cfg.dim], dtype=np.int64))
-    flat = g.op("Reshape", [h, "hidden_2d_shape"], ["hidden_flat"], "flatten")  # (B*S, D)
-    picked = g.op("Gather", [flat, "logits_idx"], ["hidden_picked"], "pick", axis=0)  # (N, D)
-    w = g.weight("lm_head.weight", _linear_t(model.lm_head))  # (D, V): a copy when tied
-    g.op("MatMul", [picked, w], ["logits"], "lm_head")  # (N, V)
+    g.const("hidden_2d_shape", np.array([-1, cfg.dim], dtype=np.int64))
+    flat = g.op("Reshape", h, "hidden_2d_shape", outputs=["hidden_flat"], name="flatten")
+    # (B*S, D) → (N, D)
+    picked = g.op("Gather", flat, graph.LOGITS_IDX, outputs=["hidden_picked"], name="pick", axis=0)
+    w = g.const("lm_head.weight", _linear_t(model.lm_head))  # (D, V): a copy when tied
+    g.op("MatMul", picked, w, outputs=[graph.LOGITS], name="lm_head")  # (N, V)
 
-    graph = helper.make_graph(g.nodes, "aimass-ort", g.inputs, g.outputs, g.inits)
-    proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-        producer_name="aimass.exporters.onnx_ort",
+    return g.model(
+        "aimass-ort",
+        [("", OPSET), (MS_DOMAIN, 1)],
+        "aimass.exporters.onnx_ort",
+        graph_metadata(cfg, graph.ORT, max_len, "float32"),
+        ir_version=10,  # ORT 1.20+ reads IR 10; onnx's default may be newer than ORT
     )
-    proto.ir_version = 10  # ORT 1.20+ reads IR 10; onnx's default may be newer than ORT
-    meta = {
-        CONFIG_KEY: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-        MAX_LEN_KEY: str(max_len),
-        "aimass.graph_flavour": FLAVOUR,
-        "aimass.dtype": "float32",
-    }
-    helper.set_model_props(proto, meta)
-    return proto
 
 
-def _attention(g: _Graph, attn, h: str, i: int, cfg: ModelConfig) -> str:
+def _attention(g: GraphBuilder, attn, h: str, i: int, cfg: ModelConfig) -> str:
     """One fused q|k|v MatMul, GroupQueryAttention (rotary inside, KV appended in place), o."""
     p = f"layers.{i}"
-    # the KV length is symbolic: a runner may allocate fewer positions than the rotary tables
-    # hold (max_len), e.g. to serve short contexts in less memory
-    kv_shape = ["B", cfg.n_kv_heads, "M", cfg.head_dim]
-    for kind in ("key", "value"):
-        g.io("input", f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape)
-        g.io("output", f"present_{kind}_{i}", TensorProto.FLOAT, kv_shape)
-    w = g.weight(f"{p}.qkv_proj.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
-    qkv = g.op("MatMul", [h, w], [f"{p}.qkv"], f"{p}.qkv_proj")  # (B, S, (H + 2K) * hd)
-    gqa_inputs = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k"]
-    gqa_inputs += ["total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
-    y = g.op(
+    w = g.const(f"{p}.qkv_proj.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
+    qkv = g.op("MatMul", h, w, outputs=[f"{p}.qkv"], name=f"{p}.qkv_proj")  # (B, S, (H+2K)*hd)
+    y, _, _ = g.op(
         "GroupQueryAttention",
-        gqa_inputs,
-        [f"{p}.attn", f"present_key_{i}", f"present_value_{i}"],
-        f"{p}.attn",
+        qkv,
+        "",
+        "",
+        graph.past_name(graph.KEY, i),
+        graph.past_name(graph.VALUE, i),
+        graph.SEQLENS_K,
+        graph.TOTAL_SEQUENCE_LENGTH,
+        "cos_cache",
+        "sin_cache",
+        graph.POSITION_IDS,
+        outputs=[f"{p}.attn", graph.present_name(graph.KEY, i), graph.present_name(graph.VALUE, i)],
+        name=f"{p}.attn",
+        domain=MS_DOMAIN,
         num_heads=cfg.n_heads,
         kv_num_heads=cfg.n_kv_heads,
         do_rotary=1,
         rotary_interleaved=0,  # "rotate half", as trainer.model and HF LLaMA
     )  # (B, S, H * hd)
-    w = g.weight(f"{p}.o_proj.weight", _linear_t(attn.o_proj))
-    return g.op("MatMul", [y, w], [f"{p}.attn_out"], f"{p}.o_proj")  # (B, S, D)
+    w = g.const(f"{p}.o_proj.weight", _linear_t(attn.o_proj))
+    return g.op("MatMul", y, w, outputs=[f"{p}.attn_out"], name=f"{p}.o_proj")  # (B, S, D)
 
 
-def _mlp(g: _Graph, mlp, h: str, p: str) -> str:
+def _mlp(g: GraphBuilder, mlp, h: str, p: str) -> str:
     """SwiGLU: one fused gate|up MatMul, silu(gate) * up, down. ORT fuses x * Sigmoid(x) into
     its QuickGelu kernel (alpha 1)."""
-    w = g.weight(f"{p}.gate_up_proj.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
-    gu = g.op("MatMul", [h, w], [f"{p}.gate_up"], f"{p}.gate_up_proj")  # (B, S, 2F)
-    g.op("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}.split", axis=-1, num_outputs=2)
-    g.op("Sigmoid", [f"{p}.gate"], [f"{p}.sig"], f"{p}.sigmoid")
-    g.op("Mul", [f"{p}.gate", f"{p}.sig"], [f"{p}.silu"], f"{p}.silu")
-    g.op("Mul", [f"{p}.silu", f"{p}.up"], [f"{p}.swiglu"], f"{p}.swiglu")  # (B, S, F)
-    w = g.weight(f"{p}.down_proj.weight", _linear_t(mlp.down_proj))
-    return g.op("MatMul", [f"{p}.swiglu", w], [f"{p}.mlp_out"], f"{p}.down_proj")  # (B, S, D)
+    w = g.const(f"{p}.gate_up_proj.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
+    gu = g.op("MatMul", h, w, outputs=[f"{p}.gate_up"], name=f"{p}.gate_up_proj")  # (B, S, 2F)
+    gate, up = g.op(
+        "Split", gu, outputs=[f"{p}.gate", f"{p}.up"], name=f"{p}.split", axis=-1, num_outputs=2
+    )
+    sig = g.op("Sigmoid", gate, outputs=[f"{p}.sig"], name=f"{p}.sigmoid")
+    silu = g.op("Mul", gate, sig, outputs=[f"{p}.silu"], name=f"{p}.silu")
+    swiglu = g.op("Mul", silu, up, outputs=[f"{p}.swiglu"], name=f"{p}.swiglu")  # (B, S, F)
+    w = g.const(f"{p}.down_proj.weight", _linear_t(mlp.down_proj))
+    return g.op("MatMul", swiglu, w, outputs=[f"{p}.mlp_out"], name=f"{p}.down_proj")  # (B, S, D)
 
 
-def _skip_norm(g: _Graph, x: str, residual: str, weight: str, name: str, eps: float, want_sum=True):
+def _skip_norm(
+    g: GraphBuilder, x: str, residual: str, weight: str, name: str, eps: float, want_sum=True
+):
     """RMSNorm(x + residual) and the sum itself (the next residual), in one fused op."""
     outs = [f"{name}", "", "", f"{name}.residual" if want_sum else ""]
-    g.op("SkipSimplifiedLayerNormalization", [x, residual, weight], outs, name, epsilon=eps)
+    g.op(
+        "SkipSimplifiedLayerNormalization",
+        x,
+        residual,
+        weight,
+        outputs=outs,
+        name=name,
+        domain=MS_DOMAIN,
+        epsilon=eps,
+    )
     return outs[0], outs[3]
-
-
-def read_config(proto_or_path: onnx.ModelProto | str | Path) -> tuple[ModelConfig, int]:
-    """The ModelConfig and max_len stored in a graph built by `build_ort_graph`."""
-    proto = proto_or_path
-    if not isinstance(proto, onnx.ModelProto):
-        proto = onnx.load(str(proto_or_path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    cfg = ModelConfig(**json.loads(props[CONFIG_KEY]))
-    return cfg, int(props[MAX_LEN_KEY])
 
 
 def quantize(

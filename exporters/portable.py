@@ -1,17 +1,8 @@
 """The portable engine graph: the decoder as standard ONNX ops (opset 17, default domain only),
 built straight from the weights so TensorRT and any ONNX runtime accept it.
 
-I/O contract (same names as the ONNX Runtime flavour; B batch rows, S new tokens per row,
-N logit rows, M = max_len cache slots, K kv heads, hd head dim, V vocabulary):
-
-    input_ids              int64   (B, S)   right-padded rows
-    position_ids           int64   (B, S)   absolute position of each token
-    seqlens_k              int32   (B,)     per row: total length - 1 after this step; -1 = idle row
-    total_sequence_length  int32   ()       max(seqlens_k) + 1 (only tightens the mask)
-    logits_idx             int64   (N,)     indices into the flattened B*S axis
-    past_key_{i}, past_value_{i}       dtype (B, K, M, hd)   the fixed-size cache buffer
-    -> logits              float32 (N, V)
-    -> present_key_{i}, present_value_{i}  (B, K, M, hd)     the same buffer, new tokens written
+I/O contract: the inputs, outputs and metadata of engine/graph.py, flavour "portable"; the
+cache holds a fixed M = max_len positions per row, in the graph's dtype (float32 or float16).
 
 The cache is never concatenated: each new key/value is scattered into its row at its position,
 so `present` differs from `past` only at the positions written, and a runtime may bind both to
@@ -33,70 +24,21 @@ masked scores are a finite constant, its softmax is uniform rather than NaN. S m
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
+from engine import graph
+from exporters.graph_builder import GraphBuilder, graph_metadata
 from trainer.model import Transformer, rope_cos_sin
 
 OPSET = 17
-FLAVOUR = "portable"
 # dtype of the weights, activations and cache -> ONNX element type. Norms, rotary and softmax
 # always run in float32, as in the eager model under autocast.
 DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 # A masked score: finite, so a row with nothing visible softmaxes to uniform instead of NaN.
 MASKED = -1e9
-
-
-class _Graph:
-    """Accumulates nodes and initializers; each op returns the name of its (first) output."""
-
-    def __init__(self, dtype: int, max_len: int):
-        self.dtype = dtype
-        self.max_len = max_len
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.scope = "prologue"
-        self._count = 0
-        self._consts: set[str] = set()
-
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, out: str = "", **attrs):
-        """Adds a node; `out` names its output (a graph output), else a unique name is made."""
-        self._count += 1
-        name = f"{self.scope}/{op_type}_{self._count}"
-        outs = [out] if out else [f"{name}:{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
-        return outs[0] if outputs == 1 else outs
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        if name not in self._consts:  # shared constants (shapes, axes, scalars) are added once
-            self._consts.add(name)
-            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def ints(self, *values: int) -> str:
-        """An int64 1-D constant (shapes, axes, split sizes), named by its values."""
-        return self.const("i64[" + ",".join(map(str, values)) + "]", np.array(values, np.int64))
-
-    def scalar(self, value: float, dtype: int | None = None) -> str:
-        """A scalar constant, of the graph's float type unless `dtype` says otherwise."""
-        np_dtype = helper.tensor_dtype_to_np_dtype(dtype or self.dtype)
-        return self.const(f"{np_dtype.name}[{value!r}]", np.array(value, dtype=np_dtype))
-
-    def to_float(self, x: str) -> str:
-        """The activation in float32 (no node when the graph already is float32)."""
-        if self.dtype == TensorProto.FLOAT:
-            return x
-        return self.op("Cast", x, to=TensorProto.FLOAT)
-
-    def from_float(self, x: str) -> str:
-        if self.dtype == TensorProto.FLOAT:
-            return x
-        return self.op("Cast", x, to=self.dtype)
 
 
 def build_portable_graph(
@@ -114,74 +56,41 @@ def build_portable_graph(
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
-    g = _Graph(DTYPES[dtype], max_len)
+    g = GraphBuilder(DTYPES[dtype])
+    g.declare_io(
+        n_layers=cfg.n_layers,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        kv_len=max_len,
+        vocab_size=cfg.vocab_size,
+    )
     _add_weights(g, model, max_len, np.dtype(dtype))
     ctx = _prologue(g, cfg, max_len)
-    x = g.op("Gather", "embed_tokens.weight", g.op("Reshape", "input_ids", g.ints(-1)))  # (T, D)
+    flat_ids = g.op("Reshape", graph.INPUT_IDS, g.ints(-1))
+    x = g.op("Gather", "embed_tokens.weight", flat_ids)  # (T, D)
     for i in range(cfg.n_layers):
         g.scope = f"layers.{i}"
-        x = _block(g, cfg, i, x, ctx)
+        x = _block(g, cfg, i, x, ctx, max_len)
     g.scope = "head"
     # pick the rows first: a 512-token prefill asking for one row computes one row of logits
-    x = g.op("Gather", x, "logits_idx", axis=0)  # (N, D)
+    x = g.op("Gather", x, graph.LOGITS_IDX, axis=0)  # (N, D)
     x = _rms_norm(g, x, "norm.weight", cfg.norm_eps)
     head = "embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
     if g.dtype == TensorProto.FLOAT:
-        g.op("Gemm", x, head, transB=1, out="logits")  # (N, V)
+        g.op("Gemm", x, head, transB=1, outputs=[graph.LOGITS])  # (N, V)
     else:
-        g.op("Cast", g.op("Gemm", x, head, transB=1), to=TensorProto.FLOAT, out="logits")
+        logits = g.op("Gemm", x, head, transB=1)
+        g.op("Cast", logits, to=TensorProto.FLOAT, outputs=[graph.LOGITS])
 
-    graph = helper.make_graph(
-        g.nodes,
+    return g.model(
         "aimass_decoder",
-        _inputs(cfg, max_len, g.dtype),
-        _outputs(cfg, max_len, g.dtype),
-        g.initializers,
+        [("", OPSET)],
+        "aimass.exporters",
+        graph_metadata(cfg, graph.PORTABLE, max_len, dtype),
     )
-    proto = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="aimass.exporters"
-    )
-    helper.set_model_props(
-        proto,
-        {
-            "aimass.model_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-            "aimass.graph_flavour": FLAVOUR,
-            "aimass.max_len": str(max_len),
-            "aimass.dtype": dtype,
-        },
-    )
-    return proto
 
 
-def cache_names(n_layers: int) -> list[tuple[str, str]]:
-    """(past, present) name pairs in graph order: the buffers a runtime binds to one address."""
-    return [
-        (f"past_{kind}_{i}", f"present_{kind}_{i}")
-        for i in range(n_layers)
-        for kind in ("key", "value")
-    ]
-
-
-def _inputs(cfg, max_len: int, dtype: int) -> list[onnx.ValueInfoProto]:
-    cache = ["batch", cfg.n_kv_heads, max_len, cfg.head_dim]
-    return [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_idx", TensorProto.INT64, ["n_logits"]),
-    ] + [helper.make_tensor_value_info(p, dtype, cache) for p, _ in cache_names(cfg.n_layers)]
-
-
-def _outputs(cfg, max_len: int, dtype: int) -> list[onnx.ValueInfoProto]:
-    cache = ["batch", cfg.n_kv_heads, max_len, cfg.head_dim]
-    logits = ["n_logits", cfg.vocab_size]
-    return [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits)] + [
-        helper.make_tensor_value_info(p, dtype, cache) for _, p in cache_names(cfg.n_layers)
-    ]
-
-
-def _add_weights(g: _Graph, model: Transformer, max_len: int, dtype: np.dtype) -> None:
+def _add_weights(g: GraphBuilder, model: Transformer, max_len: int, dtype: np.dtype) -> None:
     """Initializers in the checkpoint's [out, in] layout (every linear is a Gemm with transB), with
     q/k/v and gate/up fused so a decode step launches one matmul for each pair of them."""
     cfg = model.cfg
@@ -207,33 +116,34 @@ def _add_weights(g: _Graph, model: Transformer, max_len: int, dtype: np.dtype) -
     g.const("key_positions", np.arange(max_len, dtype=np.int64).reshape(1, 1, max_len))
 
 
-def _prologue(g: _Graph, cfg, max_len: int) -> dict[str, str]:
+def _prologue(g: GraphBuilder, cfg, max_len: int) -> dict[str, str]:
     """What every layer shares: rotary tables, cache write indices and the attention mask."""
-    bs = g.op("Shape", "input_ids")  # [B, S]
+    bs = g.op("Shape", graph.INPUT_IDS)  # [B, S]
     batch, seq = g.op("Gather", bs, g.ints(0)), g.op("Gather", bs, g.ints(1))
     # padding may carry positions past the buffer; its rotary values are never used
-    pos = g.op("Min", "position_ids", g.ints(max_len - 1))
+    pos = g.op("Min", graph.POSITION_IDS, g.ints(max_len - 1))
     cos = g.op("Unsqueeze", g.op("Gather", "rope.cos", pos), g.ints(1))  # (B, 1, S, hd)
     sin = g.op("Unsqueeze", g.op("Gather", "rope.sin", pos), g.ints(1))
-    last = g.op("Unsqueeze", g.op("Cast", "seqlens_k", to=TensorProto.INT64), g.ints(1))  # (B, 1)
-    real = g.op("Not", g.op("Greater", "position_ids", last))  # (B, S)
+    seqlens = g.op("Cast", graph.SEQLENS_K, to=TensorProto.INT64)
+    last = g.op("Unsqueeze", seqlens, g.ints(1))  # (B, 1)
+    real = g.op("Not", g.op("Greater", graph.POSITION_IDS, last))  # (B, S)
     # padding rewrites slot last+1 (0 for a full row) with its own value: no real token of this
     # step writes there, so duplicate indices only ever carry identical values
     spare = g.op("Add", last, g.ints(1))
     spare = g.op("Where", g.op("Less", spare, g.ints(max_len)), spare, g.ints(0))  # (B, 1)
-    write = g.op("Where", real, "position_ids", spare)  # (B, S)
+    write = g.op("Where", real, graph.POSITION_IDS, spare)  # (B, S)
     kv_shape = g.op("Concat", batch, g.ints(cfg.n_kv_heads), seq, g.ints(cfg.head_dim), axis=0)
     write = g.op("Expand", g.op("Unsqueeze", write, g.ints(1, 3)), kv_shape)  # (B, K, S, hd)
     # key j is visible to the query at position p of row b iff j <= p and j <= seqlens_k[b]
     keys = "key_positions"  # (1, 1, M)
     visible = g.op(
         "And",
-        g.op("Not", g.op("Greater", keys, g.op("Unsqueeze", "position_ids", g.ints(2)))),
+        g.op("Not", g.op("Greater", keys, g.op("Unsqueeze", graph.POSITION_IDS, g.ints(2)))),
         g.op("Not", g.op("Greater", keys, g.op("Unsqueeze", last, g.ints(2)))),
     )  # (B, S, M)
     # redundant while seqlens_k is right; it keeps the ORT flavour's input in use, so that every
     # runtime binds the same names
-    total = g.op("Cast", "total_sequence_length", to=TensorProto.INT64)
+    total = g.op("Cast", graph.TOTAL_SEQUENCE_LENGTH, to=TensorProto.INT64)
     visible = g.op("And", visible, g.op("Less", keys, total))
     return {
         "cos": cos,
@@ -245,7 +155,7 @@ def _prologue(g: _Graph, cfg, max_len: int) -> dict[str, str]:
     }
 
 
-def _block(g: _Graph, cfg, i: int, x: str, ctx: dict[str, str]) -> str:
+def _block(g: GraphBuilder, cfg, i: int, x: str, ctx: dict[str, str], max_len: int) -> str:
     p = f"layers.{i}."
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = _rms_norm(g, x, f"{p}input_layernorm.weight", cfg.norm_eps)
@@ -254,9 +164,9 @@ def _block(g: _Graph, cfg, i: int, x: str, ctx: dict[str, str]) -> str:
     q = _rope(g, _heads(g, q, H, hd, ctx["bs"]), ctx)  # (B, H, S, hd)
     k = _rope(g, _heads(g, k, K, hd, ctx["bs"]), ctx)  # (B, K, S, hd)
     v = _heads(g, v, K, hd, ctx["bs"])
-    keys = _write_cache(g, f"past_key_{i}", f"present_key_{i}", k, ctx)  # (B, K, M, hd)
-    values = _write_cache(g, f"past_value_{i}", f"present_value_{i}", v, ctx)
-    y = _attention(g, cfg, q, keys, values, ctx["visible"])  # (T, H * hd)
+    keys = _write_cache(g, graph.KEY, i, k, ctx)  # (B, K, M, hd)
+    values = _write_cache(g, graph.VALUE, i, v, ctx)
+    y = _attention(g, cfg, q, keys, values, ctx["visible"], max_len)  # (T, H * hd)
     x = g.op("Add", x, g.op("Gemm", y, f"{p}self_attn.o_proj.weight", transB=1))
     h = _rms_norm(g, x, f"{p}post_attention_layernorm.weight", cfg.norm_eps)
     gate, up = g.op(
@@ -270,13 +180,13 @@ def _block(g: _Graph, cfg, i: int, x: str, ctx: dict[str, str]) -> str:
     return g.op("Add", x, g.op("Gemm", act, f"{p}mlp.down_proj.weight", transB=1))
 
 
-def _heads(g: _Graph, x: str, n: int, hd: int, bs: str) -> str:
+def _heads(g: GraphBuilder, x: str, n: int, hd: int, bs: str) -> str:
     """(T, n * hd) -> (B, n, S, hd)."""
     shape = g.op("Concat", bs, g.ints(n, hd), axis=0)
     return g.op("Transpose", g.op("Reshape", x, shape), perm=[0, 2, 1, 3])
 
 
-def _rms_norm(g: _Graph, x: str, weight: str, eps: float) -> str:
+def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     # float32 inside, like the eager RMSNorm: the mean of squares overflows in fp16
     xf = g.to_float(x)
     ms = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1])
@@ -285,7 +195,7 @@ def _rms_norm(g: _Graph, x: str, weight: str, eps: float) -> str:
     return g.op("Mul", g.from_float(g.op("Mul", xf, inv)), weight)
 
 
-def _rope(g: _Graph, x: str, ctx: dict[str, str]) -> str:
+def _rope(g: GraphBuilder, x: str, ctx: dict[str, str]) -> str:
     """Rotary embedding of (B, heads, S, hd), "rotate half" and in float32 as the eager model."""
     xf = g.to_float(x)
     x1, x2 = g.op("Split", xf, outputs=2, axis=3)
@@ -294,15 +204,16 @@ def _rope(g: _Graph, x: str, ctx: dict[str, str]) -> str:
     return g.from_float(out)
 
 
-def _write_cache(g: _Graph, past: str, present: str, new: str, ctx: dict[str, str]) -> str:
-    """Scatters this step's (B, K, S, hd) into the (B, K, M, hd) buffer; padding writes back
-    what is already there."""
+def _write_cache(g: GraphBuilder, kind: str, i: int, new: str, ctx: dict[str, str]) -> str:
+    """Scatters this step's (B, K, S, hd) into layer i's (B, K, M, hd) buffer of `kind`;
+    padding writes back what is already there."""
+    past, present = graph.past_name(kind, i), graph.present_name(kind, i)
     old = g.op("GatherElements", past, ctx["write"], axis=2)
     update = g.op("Where", ctx["real"], new, old)
-    return g.op("ScatterElements", past, ctx["write"], update, axis=2, out=present)
+    return g.op("ScatterElements", past, ctx["write"], update, axis=2, outputs=[present])
 
 
-def _attention(g: _Graph, cfg, q: str, keys: str, values: str, visible: str) -> str:
+def _attention(g: GraphBuilder, cfg, q: str, keys: str, values: str, visible: str, M: int) -> str:
     """Masked attention of (B, H, S, hd) queries over the whole buffer -> (T, H * hd).
 
     Grouped-query attention folds the H/K query heads of each kv head into the row axis instead
@@ -310,7 +221,6 @@ def _attention(g: _Graph, cfg, q: str, keys: str, values: str, visible: str) -> 
     times.
     """
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    M = g.max_len
     scale = g.scalar(hd**-0.5)
     q = g.op("Reshape", g.op("Mul", q, scale), g.ints(0, K, -1, hd))  # (B, K, H/K*S, hd)
     scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 3, 2]))  # (B, K, H/K*S, M)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.runner import OrtRunner
-from exporters.onnx_ort import read_config
+from exporters.graph_builder import read_config
 
 SCORE_CHUNK = 128  # tokens per scoring call: bounds the [chunk, V] logits held at once
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.graph import ORT, PORTABLE, graph_version
 from exporters.errors import ExportError
 from exporters.parity import Decoder
 from registry.manifest import Artifact, Quantization, file_entry
 
-GRAPH_VERSION_KEY = "aimass.graph_version"  # metadata_props: the graph contract version
 QUANT_BLOCK_SIZE = 32  # weights per scale: finer blocks keep int4 within the perplexity limit
 QUANT_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: fastest on CPUs
 TRT_MAX_BATCH = 16  # rows a TensorRT plan's profiles accept: its shapes are fixed at build time
@@ -38,10 +38,10 @@ class TargetSpec:
 
 
 TARGETS: dict[str, TargetSpec] = {
-    "onnx-fp32": TargetSpec("ort", "onnxruntime", "float32", None, True),
-    "onnx-int4": TargetSpec("ort", "onnxruntime", "float32", 4, False),
-    "onnx-int8": TargetSpec("ort", "onnxruntime", "float32", 8, False),
-    "onnx-portable-fp32": TargetSpec("portable", "onnxruntime", "float32", None, True),
+    "onnx-fp32": TargetSpec(ORT, "onnxruntime", "float32", None, True),
+    "onnx-int4": TargetSpec(ORT, "onnxruntime", "float32", 4, False),
+    "onnx-int8": TargetSpec(ORT, "onnxruntime", "float32", 8, False),
+    "onnx-portable-fp32": TargetSpec(PORTABLE, "onnxruntime", "float32", None, True),
     "trt-fp16": TargetSpec("tensorrt", "tensorrt", "float16", None, False),
 }
 
@@ -88,7 +88,7 @@ class Build:
         """The graph of a flavour and dtype, built once and shared by its quantized variants."""
         key = (flavour, dtype)
         if key not in self.graphs:
-            if flavour == "ort":
+            if flavour == ORT:
                 from exporters.onnx_ort import build_ort_graph
 
                 if dtype != "float32":
@@ -141,7 +141,7 @@ def _build_trt(build: Build, spec: TargetSpec, folder: Path) -> dict:
 
     scratch = build.root / f".{folder.name}.onnx"  # the portable graph TensorRT parses
     scratch.mkdir()
-    proto = build.graph("portable", spec.dtype)  # TensorRT takes precision from the graph
+    proto = build.graph(PORTABLE, spec.dtype)  # TensorRT takes precision from the graph
     onnx_ort.save(proto, scratch / "model.onnx")
     info = tensorrt.build_engine(
         scratch / "model.onnx",
@@ -163,8 +163,8 @@ def _build_trt(build: Build, spec: TargetSpec, folder: Path) -> dict:
 
 
 BUILDERS: dict[str, Callable[[Build, TargetSpec, Path], dict]] = {
-    "ort": _build_onnx,
-    "portable": _build_onnx,
+    ORT: _build_onnx,
+    PORTABLE: _build_onnx,
     "tensorrt": _build_trt,
 }
 
@@ -203,5 +203,5 @@ def _quantization_of(proto, bits: int) -> Quantization:
 
 
 def _graph_version(proto) -> int:
-    props = {p.key: p.value for p in proto.metadata_props}
-    return int(props.get(GRAPH_VERSION_KEY, 1))
+    """The version the graph states (the builders write it), for the manifest's record."""
+    return graph_version({p.key: p.value for p in proto.metadata_props})

@@ -21,10 +21,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from engine import graph as contract
 from engine.runner import ProviderUnavailable
 from engine.trt_runner import INSTALL_HINT, TrtRunner
 from exporters.errors import ExportError
-from exporters.portable import FLAVOUR
 from exporters.runner import DecodeLoops
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # plan precision -> portable graph dtype
@@ -58,14 +58,14 @@ def optimization_profiles(
     """
     ranges = {
         "prefill": {
-            "batch": (1, 1, max_batch),
-            "seq": (1, opt_len, max_len),
-            "n_logits": (1, 1, max_logits),
+            contract.BATCH: (1, 1, max_batch),
+            contract.SEQ: (1, opt_len, max_len),
+            contract.N_LOGITS: (1, 1, max_logits),
         },
         "decode": {
-            "batch": (1, max_batch, max_batch),
-            "seq": (1, 1, 1),
-            "n_logits": (1, max_batch, max_batch),
+            contract.BATCH: (1, max_batch, max_batch),
+            contract.SEQ: (1, 1, 1),
+            contract.N_LOGITS: (1, max_batch, max_batch),
         },
     }
     profiles = []
@@ -106,17 +106,22 @@ def build_engine(
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     graph = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in graph.metadata_props}
-    if props.get("aimass.graph_flavour") != FLAVOUR:
+    try:
+        meta = contract.GraphMetadata.from_props(props, str(onnx_path))
+        contract.check_version(meta.version, str(onnx_path))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if meta.flavour != contract.PORTABLE:
         raise ExportError(f"{onnx_path} is not a portable engine graph (no TensorRT plan from it)")
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
-    if props.get("aimass.dtype") != PRECISIONS[precision]:
+    if meta.dtype != PRECISIONS[precision]:
         raise ExportError(
             f"precision={precision!r} needs the portable graph exported with "
-            f"dtype={PRECISIONS[precision]!r}; {onnx_path} is {props.get('aimass.dtype')!r} "
+            f"dtype={PRECISIONS[precision]!r}; {onnx_path} is {meta.dtype!r} "
             "(TensorRT takes precision from the graph's types)"
         )
-    graph_len = int(props["aimass.max_len"])
+    graph_len = meta.max_len
     if not 1 <= max_len <= graph_len or max_batch < 1:
         raise ExportError(
             f"max_len={max_len} must be in 1..{graph_len} (the graph's cache) "

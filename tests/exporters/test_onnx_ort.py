@@ -12,7 +12,8 @@ import onnx
 import pytest
 import torch
 
-from exporters.onnx_ort import build_ort_graph, quantize, read_config, save
+from exporters.graph_builder import read_config
+from exporters.onnx_ort import build_ort_graph, quantize, save
 from exporters.runner import OrtDecoder
 from trainer.config import PRESETS
 from trainer.generate import generate

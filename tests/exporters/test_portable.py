@@ -11,7 +11,8 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from exporters.portable import build_portable_graph, cache_names
+from engine.graph import cache_names
+from exporters.portable import build_portable_graph
 from trainer.config import PRESETS
 from trainer.generate import generate
 from trainer.model import Transformer
