@@ -22,18 +22,17 @@ from litestar import Litestar, Request, Response, get
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
 from gateway.auth.service import KeyStore, parse_bearer, require_scope
-from gateway.errors import body, classify
+from gateway.errors import classify
 from gateway.limits.service import make_rate_limiter
 from gateway.metrics import GatewayMetrics
 from gateway.models.service import ModelManager, ModelsConfig
 from gateway.openai.routes import ROUTES
 from gateway.openai.service import GenerationService, Limits
-from gateway.openai.validation import param_from_validation_error
 from registry.registry import Registry
 
 log = logging.getLogger("aimass.gateway")
@@ -99,32 +98,11 @@ async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> N
 
 
 def error_response(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ValidationException):
-        extra = exc.extra if isinstance(exc.extra, list) else []
-        first = extra[0] if extra else {}
-        message = first.get("message", exc.detail) if isinstance(first, dict) else exc.detail
-        key = first.get("key") if isinstance(first, dict) else None
-        if key == "data" and message == "'data'":
-            # no body at all: litestar names the missing handler argument, nothing more
-            message = "the request has no body; send the request as a JSON object"
-        # litestar's key is the path of the value at fault, "data" for the body itself; for an
-        # unknown or missing field that is the parent object, and the message names the field
-        parent = key if key != "data" else None
-        field = param_from_validation_error(str(message))
-        param = ".".join(p for p in (parent, field) if p) or None
-        message = f"{param}: {message}" if param else message
-        status, payload, headers = 400, body(message, "invalid_request_error", param,
-                                             "invalid_value"), {}  # fmt: skip
-    elif isinstance(exc, HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        message = exc.detail
-        if exc.status_code == 413:
-            limit = request.app.state.config.max_body_bytes
-            message = f"the request body exceeds the limit of {limit} bytes"
-        status, headers = exc.status_code, dict(exc.headers or {})
-        payload = body(message, "invalid_request_error", None, code.get(status))
-    else:
-        status, payload, headers = classify(exc)
+    if isinstance(exc, RequestEntityTooLarge):
+        # litestar's 413 does not say the limit; the message should
+        limit = request.app.state.config.max_body_bytes
+        exc = RequestEntityTooLarge(detail=f"the request body exceeds the limit of {limit} bytes")
+    status, payload, headers = classify(exc)
     request.state["error"] = payload["error"]["code"]
     return Response(payload, status_code=status, headers=headers)
 

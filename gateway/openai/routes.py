@@ -12,9 +12,9 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from gateway.auth.schemas import KeyRecord
-from gateway.errors import ClientDisconnected
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
+from gateway.openai.errors import ClientDisconnected
 from gateway.openai.service import GenerationService
 from gateway.openai.validation import InvalidParameter, tokenize_input
 

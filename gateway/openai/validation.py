@@ -5,17 +5,18 @@ this server does not do, resolves defaults (request, then the model package's
 `generation_defaults`, then the engine's), and builds `SamplingParams`. Every refusal is an
 `InvalidParameter` naming the request field, the value and the limit, so the app's status table
 can answer 400 with OpenAI's `{"error": {..., "param": ...}}` without parsing messages.
+`InvalidParameter` and `param_from_validation_error` live in errors.py (a leaf the status table
+imports) and are re-exported here, where callers look for them.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import msgspec
-
 from engine.request import SamplingParams
+from gateway.openai.errors import InvalidParameter as InvalidParameter
+from gateway.openai.errors import param_from_validation_error as param_from_validation_error
 from gateway.openai.schemas import (
     ChatCompletionRequest,
     ChatMessageParam,
@@ -27,37 +28,6 @@ AnyRequest = CompletionRequest | ChatCompletionRequest
 
 # manifest generation_defaults that are sampling parameters (others, e.g. max_tokens, are not)
 _DEFAULTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-
-
-class InvalidParameter(ValueError):
-    """A request field this server refuses: HTTP 400, `invalid_request_error`."""
-
-    def __init__(self, param: str | None, message: str, code: str | None = None):
-        super().__init__(message)
-        self.param = param  # the request field at fault, as OpenAI's error `param`
-        self.message = message
-        self.code = code  # OpenAI's error `code`, e.g. "context_length_exceeded"
-
-
-_FIELD_ERROR = re.compile(r"(?:unknown|missing required) field `([^`]+)`(?: - at `\$\.?([^`]*)`)?")
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
-
-
-def param_from_validation_error(err: msgspec.ValidationError | str) -> str | None:
-    """The field a msgspec decode error (or its message) points at, in OpenAI's `param`
-    style, or None:
-
-    "Expected `float` <= 2.0 - at `$.temperature`"  -> "temperature"
-    "Expected `str` - at `$.messages[0].role`"       -> "messages[0].role"
-    "Object contains unknown field `temprature`"     -> "temprature"
-    "Object missing required field `model`"          -> "model"
-    """
-    text = str(err)
-    if m := _FIELD_ERROR.search(text):
-        return f"{m[2]}.{m[1]}" if m[2] else m[1]
-    if m := _AT_PATH.search(text):
-        return m[1] or None
-    return None
 
 
 # --- refusals -------------------------------------------------------------------------------
