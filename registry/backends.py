@@ -22,7 +22,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,12 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from aimass_common.files import atomic_write, fsync_dir, write_temp
 from registry.errors import (
     AlreadyExists,
     IntegrityError,
     NotFound,
     PreconditionFailed,
-    RegistryError,
 )
 
 CHUNK = 8 << 20  # bytes per read; large enough that hashing and copying run at memory speed
@@ -139,18 +138,6 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalStore:
     """A folder: key "a/b/c" is the file ROOT/a/b/c. Hidden names (".tmp-*", ".locks") are ours."""
 
@@ -196,18 +183,7 @@ class LocalStore:
 
     def _write_tmp(self, final: Path, chunks) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(final)
-        try:
-            with open(tmp, "wb") as f:
-                for data in chunks:
-                    f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp
+        return write_temp(final, chunks, fsync=self.fsync)
 
     def _link_new(self, tmp: Path, final: Path) -> None:
         """Publishes `tmp` as `final` unless `final` exists (AlreadyExists); removes `tmp`."""
@@ -225,7 +201,7 @@ class LocalStore:
         finally:
             tmp.unlink(missing_ok=True)
         if self.fsync:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
 
     def _lock_path(self, final: Path) -> Path:
         return self.root / ".locks" / (final.relative_to(self.root).as_posix() + ".lock")
@@ -245,10 +221,7 @@ class LocalStore:
                 current = None
             if current != etag:
                 raise PreconditionFailed(f"{key} changed: expected {etag}, found {current}")
-            tmp = self._write_tmp(final, [data])
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
+            atomic_write(final, data, fsync=self.fsync)
         return hashlib.sha256(data).hexdigest()
 
     def delete(self, key: str) -> None:
@@ -287,24 +260,3 @@ class LocalStore:
                         path.unlink()
                         removed.append(path.relative_to(self.root).as_posix())
         return removed
-
-
-def open_store(uri: str) -> Store:
-    """A folder path, file:///path, or s3://bucket/prefix."""
-    if uri.startswith("s3://"):
-        from registry.s3 import S3Store  # boto3 is imported only by S3 users
-
-        return S3Store.from_uri(uri)
-    if uri.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        parsed = urlparse(uri)
-        if parsed.netloc not in ("", "localhost"):
-            raise RegistryError(f"file:// URI {uri!r} names a host; use file:///absolute/path")
-        return LocalStore(unquote(parsed.path))
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise RegistryError(
-            f"registry URI scheme {scheme!r} is not supported (a folder, file://, s3://)"
-        )
-    return LocalStore(uri)

@@ -16,13 +16,17 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from registry.errors import NotFound
+from registry.layout import version_key
 from registry.manifest import decode
 from registry.records import GcReport
-from registry.registry import Registry, version_key
+
+if TYPE_CHECKING:  # the Registry calls collect(); importing it back would be a cycle
+    from registry.registry import Registry
 
 
 def collect(

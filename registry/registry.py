@@ -1,14 +1,6 @@
 """Registry operations: push, read, aliases, promote, rollback, events, gc.
 
-Key layout (the same on a folder and under an S3 prefix):
-
-    config/gates.json                            promotion policy (registry/gates.py)
-    blobs/sha256/<hex>                           file bytes, stored once whatever the version
-    models/<name>/versions/<000042>/manifest.json  the package's manifest.json, byte for byte;
-                                                 created only if absent: this is the version
-    models/<name>/aliases/<alias>.json           {version, seq, history}: compare-and-swap only
-    models/<name>/events/<time_ns>-<id>.json     one create-only object per change: the audit log
-    models/<name>/uploads/<id>.json              a push in progress: the blobs it relies on
+The store's key layout is registry/layout.py's.
 
 A push uploads every blob first and writes the manifest last, create-only, at the next free
 number; if that number is taken it tries the next. Until the manifest exists nothing of the push
@@ -31,7 +23,7 @@ from pathlib import Path
 import msgspec
 
 from registry import gates
-from registry.backends import Store, open_store
+from registry.backends import Store
 from registry.errors import (
     AliasConflict,
     AlreadyExists,
@@ -41,28 +33,18 @@ from registry.errors import (
     RegistryError,
     StorageError,
 )
+from registry.gc import collect
+from registry.layout import GATES_KEY, alias_key, blob_key, version_key
 from registry.manifest import MANIFEST, Manifest, ManifestError, decode, load, path_problem
 from registry.names import Ref, check_name, parse_ref
 from registry.records import AliasRecord, Event, GcReport, Move, PushResult, VersionInfo
+from registry.stores import open_store
 
 HISTORY_KEEP = 10  # earlier targets an alias remembers: rollback walks back, gc keeps them
-GATES_KEY = "config/gates.json"
 
 
 def default_user() -> str:
     return os.environ.get("AIMASS_USER") or getpass.getuser()
-
-
-def blob_key(sha256: str) -> str:
-    return f"blobs/sha256/{sha256}"
-
-
-def version_key(name: str, version: int) -> str:
-    return f"models/{name}/versions/{version:06d}/{MANIFEST}"
-
-
-def alias_key(name: str, alias: str) -> str:
-    return f"models/{name}/aliases/{alias}.json"
 
 
 class Registry:
@@ -341,8 +323,6 @@ class Registry:
     ) -> GcReport:
         """Deletes versions past `older_than` that no alias points to (now or in its history),
         then blobs no version and no push in progress names (registry/gc.py)."""
-        from registry.gc import collect
-
         return collect(self, older_than, dry_run=dry_run, now=now)
 
 

@@ -65,9 +65,9 @@ def registry_uri(request, tmp_path) -> str:
 def reg(request, registry_uri):
     """A Registry on each backend; S3 with 5 MiB parts (the least S3 allows) and 4 MiB ranged
     GETs, so multi-part uploads and downloads are tested with small files."""
-    from registry.backends import open_store
     from registry.registry import Registry
     from registry.s3 import S3Store
+    from registry.stores import open_store
 
     if registry_uri.startswith("s3://"):
         client = request.getfixturevalue("s3_client")

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from registry.backends import LocalStore, open_store
+from registry.backends import LocalStore
 from registry.errors import AlreadyExists, IntegrityError, RegistryError, StorageError
 from registry.names import Ref, parse_ref
+from registry.stores import open_store
 
 
 def _store(reg):
