@@ -8,7 +8,12 @@ tell them apart.
     await stream.aclose()                   # before the end: aborts the request (frees its slot)
 
 `submit` checks admission before it returns, so a caller learns "overloaded" or "too long"
-before it has sent a byte of response. Iterating raises `EngineDead` if the engine dies.
+before it has sent a byte of response. Iterating raises `EngineDead` if the engine dies; a
+request whose output handling failed ends alone, its last event's finish_reason "error".
+
+What a caller needs to know about an engine comes through here, never through its internals:
+`info` (what it serves, `info.kv_bytes` the memory its KV cache holds) and `token_bytes()` (its
+token id → bytes table, for rendering logprobs).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
+from engine.detokenizer import TokenBytes
 from engine.outputs import EngineInfo, EngineStats, Health, RequestOutput
 from engine.request import EngineRequest
 
@@ -36,6 +42,10 @@ class EngineClient(Protocol):
     info: EngineInfo
 
     async def submit(self, request: EngineRequest) -> RequestStream: ...
+
+    def token_bytes(self) -> TokenBytes:
+        """The engine's token table (built once; a remote engine's after connect())."""
+        ...
 
     async def abort(self, request_id: str) -> bool: ...
 

@@ -4,12 +4,14 @@
     event loop (gateway)                 step thread
     ─────────────────────                ─────────────────────────────────────────
     submit() ─ lock: core.add ─┐         loop: lock: plan  → execute (no lock, the GIL is
-    abort()  ─ lock: core.abort┤               released by ONNX Runtime) → lock: finish
+    abort()  ─ lock: core.abort┤               released by ONNX Runtime) → lock: update
                                └─wake──►       outputs ─ call_soon_threadsafe ─► streams' queues
 
 Admission runs in `submit()` under the lock, so Overloaded and ContextOverflow reach the caller
 before it answers its client. One callback per step hands every output to the event loop; each
-stream has its own queue. A dying step thread ends every stream with EngineDead.
+stream has its own queue. A request whose output handling fails ends alone, with an "error"
+event (the core's output processor); an exception out of the step itself is the runtime failing,
+and ends every stream with EngineDead.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import threading
 
 from engine.core import EngineCore
+from engine.detokenizer import TokenBytes
 from engine.errors import EngineDead
 from engine.outputs import EngineInfo, EngineStats, Health, RequestOutput
 from engine.request import EngineRequest
@@ -75,6 +78,9 @@ class AsyncEngine:
             self._wake.notify()
         return found
 
+    def token_bytes(self) -> TokenBytes:
+        return self.core.token_bytes
+
     async def health(self) -> Health:
         if self._dead is not None:
             return Health(ok=False, status="dead", detail=str(self._dead))
@@ -113,7 +119,7 @@ class AsyncEngine:
                     plan = self.core.plan()
                 ran = self.core.execute(plan)
                 with self._lock:
-                    outputs = self.core.finish(plan, ran)
+                    outputs = self.core.update(plan, ran)
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
         except BaseException as e:  # the runtime failed: nothing more can be served

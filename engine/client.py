@@ -11,17 +11,20 @@ import asyncio
 import contextlib
 import itertools
 
-from engine.errors import ContextOverflow, EngineDead, EngineError, InvalidRequest, Overloaded
+from engine.detokenizer import TokenBytes
+from engine.errors import EngineDead
 from engine.outputs import EngineInfo, EngineStats, Health
 from engine.protocol import (
     Abort,
     Accepted,
     Call,
+    Failed,
     Output,
     Rejected,
     Reply,
     Submit,
     frame,
+    from_wire,
     read_frame,
     server_decoder,
 )
@@ -41,6 +44,7 @@ class RemoteEngine:
         self._ids = itertools.count()
         self._connect_lock = asyncio.Lock()
         self._lost: str | None = None  # why the last connection ended
+        self._token_bytes: TokenBytes | None = None  # built from info on first use
 
     @property
     def address(self) -> str:
@@ -60,8 +64,18 @@ class RemoteEngine:
             self._lost = None
             self._reader_task = asyncio.create_task(self._read())
         reply = await self._call("info")
+        if self.info is None or reply.info.tokenizer_json != self.info.tokenizer_json:
+            self._token_bytes = None  # a restarted server may serve another tokenizer
         self.info = reply.info
         return self
+
+    def token_bytes(self) -> TokenBytes:
+        """The engine's token table, built once from its info's tokenizer (after connect())."""
+        if self._token_bytes is None:
+            if self.info is None:
+                raise RuntimeError(f"engine server {self.address}: token_bytes() before connect()")
+            self._token_bytes = TokenBytes(self.info.tokenizer_json)
+        return self._token_bytes
 
     async def submit(self, request: EngineRequest) -> OutputStream:
         await self.connect()
@@ -76,7 +90,7 @@ class RemoteEngine:
         reply = await self._send_and_wait(call_id, Submit(call_id, request))
         if isinstance(reply, Rejected):
             self._streams.pop(request.request_id, None)
-            raise _engine_error(reply)
+            raise from_wire(reply.error)
         return stream
 
     async def abort(self, request_id: str) -> bool:
@@ -134,6 +148,10 @@ class RemoteEngine:
                     stream = self._streams.get(message.output.request_id)
                     if stream is not None:
                         stream.put(message.output)
+                elif isinstance(message, Failed):
+                    stream = self._streams.pop(message.request_id, None)
+                    if stream is not None:
+                        stream.put(from_wire(message.error))
                 else:
                     future = self._calls.pop(message.call_id, None)
                     if future is not None and not future.done():
@@ -159,13 +177,3 @@ class RemoteEngine:
         for stream in self._streams.values():
             stream.put(dead)
         self._streams.clear()
-
-
-def _engine_error(r: Rejected) -> EngineError:
-    if r.kind == "Overloaded":
-        return Overloaded(r.queue_depth or 0, r.max_waiting or 0, r.retry_after_s or 1.0)
-    if r.kind == "ContextOverflow":
-        return ContextOverflow(r.prompt_tokens or 0, r.max_tokens or 0, r.max_len or 0)
-    if r.kind == "InvalidRequest":
-        return InvalidRequest(r.message)
-    return EngineError(r.message)

@@ -1,15 +1,17 @@
-"""One engine step: schedule → run the graph → sample → update → stream text.
+"""One engine step: schedule → execute → sample → update, then the output processor.
 
 `EngineCore` is synchronous and single-threaded in its state; `engine.async_engine` drives it
 from a thread of its own. A step is split in three so that the runtime call, the long part, runs
 without the lock that guards the scheduler (ONNX Runtime releases the GIL while it computes):
 
     with lock: plan = core.plan()          # schedule(): who runs how many tokens
-    logits = core.execute(plan)            # the graph; submit() and abort() may run meanwhile
-    with lock: outputs = core.finish(plan, logits)
+    ran = core.execute(plan)               # the graph; submit() and abort() may run meanwhile
+    with lock: outputs = core.update(plan, ran)   # sample, update the scheduler, then events
 
-n > 1 choices become n requests `<id>/<i>` with their own generators (seed, i), so each choice
-is reproducible on its own and they batch like any other requests.
+An exception out of `plan`, `execute` or `update` is a runtime failure: the forward itself, the
+sampler over the batch, or the scheduler's invariants. Turning one request's tokens into events
+is the output processor's (engine/output_processor.py), which ends only that request when its
+handling fails.
 """
 
 from __future__ import annotations
@@ -17,36 +19,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 
-from engine.detokenizer import IncrementalDecoder, StopMatcher, TokenBytes
+from engine.detokenizer import TokenBytes
 from engine.errors import InvalidRequest, Overloaded
-from engine.outputs import RequestOutput, Timings, TokenLogprob
+from engine.output_processor import OutputProcessor, fan_out
+from engine.outputs import RequestOutput
 from engine.request import EngineRequest, RequestState
 from engine.runner import StepRunner
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 THROUGHPUT_WINDOW_S = 5.0  # stats(): output tokens per second over this trailing window
-
-
-@dataclass(eq=False)
-class _Choice:
-    """The engine's side of one choice: everything that turns its tokens into events."""
-
-    parent: str  # the caller's request id
-    index: int
-    request: EngineRequest
-    generator: np.random.Generator
-    decoder: IncrementalDecoder
-    stops: StopMatcher
-    accepted: float
-    scheduled: float | None = None  # first step it ran in
-    token_times: list[float] = field(default_factory=list)
-    done: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,13 +61,19 @@ class EngineCore:
         self.runner, self.config = runner, config
         self.scheduler = Scheduler(config, clock)
         self.sampler = Sampler()
-        self.token_bytes = token_bytes
+        self.output = OutputProcessor(token_bytes, self.scheduler.abort, clock)
         self._clock = clock
-        self._choices: dict[str, _Choice] = {}  # by internal (scheduler) id
-        self._children: dict[str, list[str]] = {}  # caller id → internal ids
+        # one generator per scheduler request for its whole life: batching never changes what
+        # a seeded request samples
+        self._generators: dict[str, np.random.Generator] = {}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
         self.prompt_tokens_total = self.generated_tokens_total = 0
         self.requests_total = self.steps_total = 0
+
+    @property
+    def token_bytes(self) -> TokenBytes:
+        """token id → bytes, for callers that render tokens (logprobs) themselves."""
+        return self.output.token_bytes
 
     # ── requests in and out ──
 
@@ -89,7 +81,7 @@ class EngineCore:
         """Admit a request (all its choices) or raise Overloaded / ContextOverflow /
         InvalidRequest without side effects."""
         rid, n = request.request_id, request.sampling.n
-        if rid in self._children:
+        if rid in self.output:
             raise InvalidRequest(f"request id {rid!r} is already in the engine")
         if n < 1:
             raise InvalidRequest(f"request {rid!r}: n = {n} must be >= 1")
@@ -98,34 +90,25 @@ class EngineCore:
             raise Overloaded(
                 self.scheduler.num_waiting, self.config.max_waiting, self.config.retry_after_s
             )
-        ids = [rid] if n == 1 else [f"{rid}/{i}" for i in range(n)]
+        choices = fan_out(request)
         added: list[str] = []
         try:
-            for i, cid in enumerate(ids):
-                child = request if n == 1 else _with_id(request, cid)
+            for child in choices:
                 self.scheduler.add(child)
-                added.append(cid)
-                self._choices[cid] = _Choice(
-                    parent=rid,
-                    index=i,
-                    request=child,
-                    generator=make_generator(request.sampling.seed, i),
-                    decoder=IncrementalDecoder(self.token_bytes),
-                    stops=StopMatcher(request.stop),
-                    accepted=self._clock(),
-                )
+                added.append(child.request_id)
         except Exception:
-            for cid in added:  # all or nothing; never scheduled, so removal is immediate
+            for cid in added:  # all or nothing: they leave at the next step, never having run
                 self.scheduler.abort(cid)
-                self._choices.pop(cid)
             raise
-        self._children[rid] = ids
+        for i, child in enumerate(choices):
+            self._generators[child.request_id] = make_generator(request.sampling.seed, i)
+        self.output.add(request, choices, self._clock())
         self.requests_total += 1
         self.prompt_tokens_total += len(request.prompt_token_ids) * n
 
     def abort(self, request_id: str) -> bool:
         """Cancel every choice of a request; its slots free at the next step boundary."""
-        ids = self._children.get(request_id)
+        ids = self.output.children(request_id)
         if ids is None:
             return False
         for cid in ids:
@@ -143,65 +126,32 @@ class EngineCore:
     def execute(self, plan: Plan) -> tuple[list[str], np.ndarray]:
         return self.runner.execute(plan.step)
 
-    def finish(self, plan: Plan, ran: tuple[list[str], np.ndarray]) -> list[RequestOutput]:
-        """Sample, update the scheduler, and turn new tokens into events."""
-        step, outputs = plan.step, []
+    def update(self, plan: Plan, ran: tuple[list[str], np.ndarray]) -> list[RequestOutput]:
+        """Sample, update the scheduler, and hand the new tokens to the output processor."""
+        step = plan.step
         self.steps_total += 1
+        self.output.scheduled(step.chunks, plan.started)
         for cid in step.aborted:
-            choice = self._choices.get(cid)
-            if choice is not None and not choice.done:
-                outputs.append(self._final(choice, [], "", None, "abort"))
-        for chunk in step.chunks:
-            choice = self._choices[chunk.request_id]
-            if choice.scheduled is None:
-                choice.scheduled = plan.started
+            self._generators.pop(cid, None)
         ids, logits = ran
-        states = [self.scheduler.state(cid) for cid in ids]
         sampled: dict[str, int | None] = {c.request_id: None for c in step.chunks}
         result = None
         if ids:
+            states = [self.scheduler.state(cid) for cid in ids]
             result = self.sampler.sample(
                 logits,
                 [s.request.sampling for s in states],
                 [_History(s) for s in states],
                 [s.num_prompt_tokens for s in states],
-                [self._choices[cid].generator for cid in ids],
+                [self._generators[cid] for cid in ids],
             )
             sampled.update(zip(ids, result.tokens.tolist(), strict=True))
-        row = {cid: i for i, cid in enumerate(ids)}
-        now = self._clock()
-        for state in self.scheduler.update(sampled):
-            choice = self._choices.get(state.request_id)
-            if choice is None or choice.done:
-                continue
-            token = state.output_token_ids[-1]
-            choice.token_times.append(now)
-            logprob = None
-            if choice.request.sampling.logprobs is not None and result is not None:
-                logprob = _logprob(result, row[state.request_id], token)
+        updated = self.scheduler.update(sampled)
+        for state in updated:
             if state.finish_reason is not None:
-                # a stop token ends the text without adding to it
-                stop_token = token in choice.request.stop_token_ids
-                text = "" if stop_token else choice.stops.push(choice.decoder.push(token))
-                reason = "stop" if choice.stops.stopped else state.finish_reason.value
-                outputs.append(self._final(choice, [token], text, logprob, reason))
-                continue
-            text = choice.stops.push(choice.decoder.push(token))
-            if choice.stops.stopped:  # a stop string: done now, the slot frees next step
-                self.scheduler.abort(state.request_id)
-                outputs.append(self._final(choice, [token], text, logprob, "stop"))
-                continue
-            outputs.append(
-                RequestOutput(
-                    request_id=choice.parent,
-                    index=choice.index,
-                    text=text,
-                    token_ids=(token,),
-                    logprobs=None if logprob is None else (logprob,),
-                    prompt_tokens=len(choice.request.prompt_token_ids),
-                    completion_tokens=len(choice.token_times),
-                )
-            )
+                del self._generators[state.request_id]
+        now = self._clock()
+        outputs = self.output.process(step.aborted, updated, result, ids, now)
         produced = len(ids)
         self.generated_tokens_total += produced
         self._recent.append((now, produced))
@@ -210,9 +160,9 @@ class EngineCore:
         return outputs
 
     def step(self) -> list[RequestOutput]:
-        """plan + execute + finish, for single-threaded callers (tests, `aimass generate`)."""
+        """plan + execute + update, for single-threaded callers (tests, `aimass generate`)."""
         plan = self.plan()
-        return self.finish(plan, self.execute(plan))
+        return self.update(plan, self.execute(plan))
 
     # ── stats ──
 
@@ -222,55 +172,6 @@ class EngineCore:
         span = self._recent[-1][0] - self._recent[0][0]
         tokens = sum(n for _, n in list(self._recent)[1:])
         return tokens / span if span > 0 else 0.0
-
-    # ── internals ──
-
-    def _final(
-        self,
-        choice: _Choice,
-        tokens: list[int],
-        text: str,
-        logprob: TokenLogprob | None,
-        reason: str,
-    ) -> RequestOutput:
-        """The last event of a choice: flushes held text, counts, timings; forgets the choice."""
-        choice.done = True
-        if reason != "stop" or not choice.stops.stopped:
-            text += choice.stops.push(choice.decoder.flush())
-            text += choice.stops.flush()
-        end = self._clock()
-        times = choice.token_times
-        timings = Timings(
-            queue_s=(choice.scheduled if choice.scheduled is not None else end) - choice.accepted,
-            ttft_s=(times[0] if times else end) - choice.accepted,
-            e2e_s=end - choice.accepted,
-            itl_s=tuple(b - a for a, b in zip(times, times[1:], strict=False)),
-        )
-        del self._choices[choice.request.request_id]
-        siblings = self._children[choice.parent]
-        if not any(cid in self._choices for cid in siblings):
-            del self._children[choice.parent]
-        return RequestOutput(
-            request_id=choice.parent,
-            index=choice.index,
-            text=text,
-            token_ids=tuple(tokens),
-            logprobs=None if logprob is None else (logprob,),
-            finish_reason=reason,
-            prompt_tokens=len(choice.request.prompt_token_ids),
-            completion_tokens=len(times),
-            timings=timings,
-        )
-
-
-def _with_id(request: EngineRequest, request_id: str) -> EngineRequest:
-    return msgspec.structs.replace(request, request_id=request_id)
-
-
-def _logprob(result, row: int, token: int) -> TokenLogprob:
-    top = result.top_logprobs[row]
-    alternatives = () if top is None else tuple(zip(top[0].tolist(), top[1].tolist(), strict=True))
-    return TokenLogprob(token_id=token, logprob=float(result.logprobs[row]), top=alternatives)
 
 
 class _History:

@@ -18,7 +18,7 @@ from engine.detokenizer import TokenBytes
 from engine.graph import ORT, UnsupportedGraph, check_version
 from engine.outputs import EngineInfo
 from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable, StepRunner
-from engine.scheduler import SchedulerConfig
+from engine.scheduler import SchedulerConfig, check_limits
 from registry.manifest import Artifact, Manifest, ManifestError, check_files, load
 
 RUNTIMES = ("onnxruntime", "tensorrt")  # the artifact runtimes the engine runs
@@ -30,6 +30,10 @@ class LoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """The engine's one settings type, and the only home of the defaults: the scheduler's
+    settings (`scheduler()`) are built from it once the artifact fixes max_len, unchanged. A
+    value outside its limit is refused here, never raised behind the user's back."""
+
     # the package artifact to run; None picks the fastest ONNX Runtime one (choose_artifact)
     target: str | None = None
     # "cpu", "cuda" or "tensorrt": the ONNX Runtime execution provider of an ONNX target (a
@@ -43,11 +47,12 @@ class EngineConfig:
     # back the prepacked weights and the KV cache with 2 MiB pages where the kernel has
     # transparent huge pages (Linux): fewer TLB misses as each step streams the weights
     huge_pages: bool = True
-    # sequences decoded together (KV cache rows)
+    # sequences decoded together; each owns one preallocated KV row, so this sizes the cache
     n_slots: int = 32
     # tokens per slot; None takes the artifact's max_len. The cache is n_slots × max_len
     max_len: int | None = None
-    # tokens per step shared by prefill chunks and decodes
+    # tokens per step shared by prefill chunks and decodes, at least n_slots (every running
+    # stream decodes one token per step); bounds a step's latency
     token_budget: int = 256
     # requests queued beyond the slots before Overloaded
     max_waiting: int = 256
@@ -63,12 +68,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.threads = {self.threads} must be >= 1")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"EngineConfig.max_len = {self.max_len} must be >= 2")
+        check_limits(
+            "EngineConfig", self.n_slots, self.token_budget, self.max_waiting, self.retry_after_s
+        )
 
     def scheduler(self, max_len: int, compact_slots: bool = True) -> SchedulerConfig:
         return SchedulerConfig(
             n_slots=self.n_slots,
             max_len=max_len,
-            token_budget=max(self.token_budget, self.n_slots),
+            token_budget=self.token_budget,
             max_waiting=self.max_waiting,
             retry_after_s=self.retry_after_s,
             compact_slots=compact_slots,
@@ -188,6 +196,7 @@ def open_core(
             "top_k": gen.top_k,
             "max_tokens": gen.max_tokens,
         },
+        kv_bytes=runner.kv_bytes,
     )
     return core, info
 

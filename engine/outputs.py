@@ -38,7 +38,8 @@ class RequestOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=
     text: str = ""
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
-    # "stop" (stop token or stop string), "length" (max_tokens), "abort", "error"
+    # "stop" (stop token or stop string), "length" (max_tokens), "abort", or "error": handling
+    # this request's output failed; it ended alone and the engine serves on
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # output tokens of this choice so far
@@ -68,6 +69,7 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     bos_token: str | None = None
     eos_token: str = ""
     generation_defaults: dict = {}  # the manifest's defaults (temperature, top_p, max_tokens)
+    kv_bytes: int = 0  # the bytes the engine holds for its KV cache (a remote one: its server's)
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):

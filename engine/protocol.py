@@ -2,21 +2,29 @@
 
     frame  = u32 big-endian length ‖ msgpack(message)
     client → server   Submit | Abort | Call
-    server → client   Accepted | Rejected | Output | Reply
+    server → client   Accepted | Rejected | Output | Failed | Reply
 
 One connection multiplexes every request of a client; each call carries a `call_id` the reply
 echoes. Requests a connection submitted are aborted when it closes (an abandoned client never
 holds slots). Structs are array_like with a tag, so a message costs a few bytes over its fields,
 and new fields go last with defaults.
+
+Errors cross as values: one tagged Struct per engine error (`WireError`), made by `to_wire` and
+turned back into the same exception type with the same fields by `from_wire`. A submit the engine
+refuses is answered `Rejected`; a stream the engine can no longer serve (EngineDead) ends with
+`Failed`. One request whose output handling failed is not an exception: its stream's last event
+has finish_reason "error", an ordinary `Output`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 
 import msgspec
 
+from engine.errors import ContextOverflow, EngineDead, EngineError, InvalidRequest, Overloaded
 from engine.outputs import EngineInfo, EngineStats, Health, RequestOutput
 from engine.request import EngineRequest
 
@@ -26,6 +34,73 @@ _LEN = struct.Struct(">I")
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, tag=True, gc=False):
     pass
+
+
+# ── errors ──
+
+
+class WireOverloaded(_Msg, tag="overloaded"):
+    queue_depth: int
+    max_waiting: int
+    retry_after_s: float
+
+
+class WireContextOverflow(_Msg, tag="context_overflow"):
+    prompt_tokens: int
+    max_tokens: int
+    max_len: int
+
+
+class WireInvalidRequest(_Msg, tag="invalid_request"):
+    message: str
+
+
+class WireEngineError(_Msg, tag="engine_error"):
+    """A per-request engine error of a type this table does not name (a newer server's)."""
+
+    message: str
+
+
+class WireEngineDead(_Msg, tag="engine_dead"):
+    message: str
+
+
+WireError = (
+    WireOverloaded | WireContextOverflow | WireInvalidRequest | WireEngineError | WireEngineDead
+)
+
+# exception type → its wire form; a subclass not listed takes its nearest listed base's
+_TO_WIRE: dict[type[BaseException], Callable[..., WireError]] = {
+    Overloaded: lambda e: WireOverloaded(e.queue_depth, e.max_waiting, e.retry_after_s),
+    ContextOverflow: lambda e: WireContextOverflow(e.prompt_tokens, e.max_tokens, e.max_len),
+    InvalidRequest: lambda e: WireInvalidRequest(str(e)),
+    EngineError: lambda e: WireEngineError(str(e)),
+    EngineDead: lambda e: WireEngineDead(str(e)),
+}
+# each wire form's fields are its exception's constructor arguments, in order
+_FROM_WIRE: dict[type[WireError], type[EngineError | EngineDead]] = {
+    WireOverloaded: Overloaded,
+    WireContextOverflow: ContextOverflow,
+    WireInvalidRequest: InvalidRequest,
+    WireEngineError: EngineError,
+    WireEngineDead: EngineDead,
+}
+
+
+def to_wire(error: EngineError | EngineDead) -> WireError:
+    for cls in type(error).__mro__:
+        encode = _TO_WIRE.get(cls)
+        if encode is not None:
+            return encode(error)
+    raise TypeError(f"{type(error).__name__} is not an engine error; it cannot cross the wire")
+
+
+def from_wire(error: WireError) -> EngineError | EngineDead:
+    """The exception `to_wire` was given: the same type, fields and message."""
+    return _FROM_WIRE[type(error)](*msgspec.structs.astuple(error))
+
+
+# ── messages ──
 
 
 class Submit(_Msg, tag="submit"):
@@ -47,19 +122,21 @@ class Accepted(_Msg, tag="accepted"):
 
 
 class Rejected(_Msg, tag="rejected"):
+    """The engine refused a Submit: Overloaded, ContextOverflow, InvalidRequest, EngineDead."""
+
     call_id: int
-    kind: str  # the engine error's class name: Overloaded, ContextOverflow, InvalidRequest, ...
-    message: str
-    retry_after_s: float | None = None
-    prompt_tokens: int | None = None  # ContextOverflow's numbers
-    max_tokens: int | None = None
-    max_len: int | None = None
-    queue_depth: int | None = None  # Overloaded's numbers
-    max_waiting: int | None = None
+    error: WireError
 
 
 class Output(_Msg, tag="output"):
     output: RequestOutput
+
+
+class Failed(_Msg, tag="failed"):
+    """The stream of `request_id` ends with this error (the engine died under it)."""
+
+    request_id: str
+    error: WireError
 
 
 class Reply(_Msg, tag="reply"):
@@ -70,7 +147,7 @@ class Reply(_Msg, tag="reply"):
 
 
 ClientMessage = Submit | Abort | Call
-ServerMessage = Accepted | Rejected | Output | Reply
+ServerMessage = Accepted | Rejected | Output | Failed | Reply
 
 _encoder = msgspec.msgpack.Encoder()
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)

@@ -19,35 +19,48 @@ from engine.request import EngineRequest, FinishReason, RequestState, RequestSta
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The scheduler's settings. The engine builds them from `engine.loader.EngineConfig`, the
+    one settings type users give (its defaults are the only ones), once the artifact has fixed
+    `max_len`; scheduler tests build them directly."""
+
     # sequences decoded together; each owns one preallocated KV row, so this sizes the cache
-    n_slots: int = 8
+    n_slots: int
     # tokens per slot (prompt + output): the cache's time axis and the admission limit
-    max_len: int = 2048
+    max_len: int
     # tokens computed per step across all requests; bounds a step's latency, hence the
     # inter-token gap every running stream sees while a long prompt is being prefilled
-    token_budget: int = 512
+    token_budget: int
     # requests queued beyond the slots; a full queue answers Overloaded instead of growing
     # latency without bound
-    max_waiting: int = 128
+    max_waiting: int
     # the Retry-After hint Overloaded carries: roughly the time for a queued request to start
-    retry_after_s: float = 1.0
+    retry_after_s: float
     # move running requests down into the slots finished ones left (those the waiting requests
     # will not take), so a decode forward covers only running slots; the runner copies the rows
     compact_slots: bool = True
 
     def __post_init__(self) -> None:
-        _at_least("n_slots", self.n_slots, 1, "one sequence")
-        _at_least("max_len", self.max_len, 2, "a prompt token and an output token")
-        why = "n_slots: every running stream decodes one token per step"
-        _at_least("token_budget", self.token_budget, self.n_slots, why)
-        _at_least("max_waiting", self.max_waiting, 1, "one queued request")
-        if not self.retry_after_s > 0:
-            raise ValueError(f"SchedulerConfig.retry_after_s = {self.retry_after_s!r} must be > 0")
+        owner = "SchedulerConfig"
+        check_limits(owner, self.n_slots, self.token_budget, self.max_waiting, self.retry_after_s)
+        _at_least(owner, "max_len", self.max_len, 2, "a prompt token and an output token")
 
 
-def _at_least(name: str, value: int, limit: int, why: str) -> None:
+def check_limits(
+    owner: str, n_slots: int, token_budget: int, max_waiting: int, retry_after_s: float
+) -> None:
+    """The scheduling rule's limits, for every settings type that carries them: a ValueError
+    naming `owner`'s field, the value and the limit."""
+    _at_least(owner, "n_slots", n_slots, 1, "one sequence")
+    why = "n_slots: every running stream decodes one token per step"
+    _at_least(owner, "token_budget", token_budget, n_slots, why)
+    _at_least(owner, "max_waiting", max_waiting, 1, "one queued request")
+    if not retry_after_s > 0:
+        raise ValueError(f"{owner}.retry_after_s = {retry_after_s!r} must be > 0")
+
+
+def _at_least(owner: str, name: str, value: int, limit: int, why: str) -> None:
     if value < limit:
-        raise ValueError(f"SchedulerConfig.{name} = {value!r} must be >= {limit} ({why})")
+        raise ValueError(f"{owner}.{name} = {value!r} must be >= {limit} ({why})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,12 @@ import contextlib
 import logging
 
 from engine.async_engine import AsyncEngine
-from engine.errors import ContextOverflow, EngineError, Overloaded
-from engine.outputs import RequestOutput
+from engine.errors import EngineDead, EngineError
 from engine.protocol import (
     Abort,
     Accepted,
     Call,
+    Failed,
     Output,
     Rejected,
     Reply,
@@ -25,6 +25,7 @@ from engine.protocol import (
     client_decoder,
     frame,
     read_frame,
+    to_wire,
 )
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ class EngineServer:
     async def _submit(self, message: Submit, send, tasks: dict[str, asyncio.Task]) -> None:
         try:
             stream = await self.engine.submit(message.request)
-        except EngineError as e:
-            await send(_rejected(message.call_id, e))
+        except (EngineError, EngineDead) as e:
+            await send(Rejected(message.call_id, to_wire(e)))
             return
         await send(Accepted(message.call_id))
         rid = message.request.request_id
@@ -96,9 +97,11 @@ class EngineServer:
                     await send(Output(out))
             except ConnectionError:
                 pass  # the client is gone; closing the stream (below) aborts the request
-            except Exception as e:  # EngineDead: tell the client, as an error event
+            except Exception as e:  # EngineDead: the client's stream raises it too
+                if not isinstance(e, EngineDead | EngineError):
+                    e = EngineDead(f"engine server: {type(e).__name__}: {e}")
                 with contextlib.suppress(ConnectionError):
-                    await send(Output(_error_output(rid, f"{type(e).__name__}: {e}")))
+                    await send(Failed(rid, to_wire(e)))
             finally:
                 tasks.pop(rid, None)
                 await stream.aclose()  # a no-op once it finished
@@ -113,18 +116,3 @@ class EngineServer:
         if message.method == "stats":
             return Reply(message.call_id, stats=await self.engine.stats())
         raise ValueError(f"unknown method {message.method!r}")
-
-
-def _rejected(call_id: int, e: EngineError) -> Rejected:
-    extra = {}
-    if isinstance(e, Overloaded):
-        extra.update(
-            retry_after_s=e.retry_after_s, queue_depth=e.queue_depth, max_waiting=e.max_waiting
-        )
-    if isinstance(e, ContextOverflow):
-        extra.update(prompt_tokens=e.prompt_tokens, max_tokens=e.max_tokens, max_len=e.max_len)
-    return Rejected(call_id, type(e).__name__, str(e), **extra)
-
-
-def _error_output(request_id: str, message: str) -> RequestOutput:
-    return RequestOutput(request_id=request_id, finish_reason="error", error=message)

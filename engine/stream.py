@@ -1,13 +1,17 @@
 """The caller's side of one submitted request, shared by the in-process engine and the remote
 client: outputs arrive through `put()` (from the step loop's callback or the socket reader) and
-leave through `async for`; closing it early aborts the request."""
+leave through `async for`; closing it early aborts the request.
+
+A choice ends with its event that has a `finish_reason`, "error" included (that request's output
+handling failed; the engine serves on). An exception put in the queue (EngineDead) ends the
+whole stream by raising.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from engine.errors import EngineDead
 from engine.outputs import RequestOutput
 
 
@@ -34,8 +38,6 @@ class OutputStream:
                 item = await self._queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.finish_reason == "error":  # an engine server's runtime failed
-                    raise EngineDead(item.error or "the engine failed")
                 if item.finish_reason is not None:
                     self._open_choices -= 1
                 yield item

@@ -18,8 +18,11 @@ def request(rid: str, prompt: int, max_tokens: int = 4, stop=()) -> EngineReques
     return EngineRequest(rid, tuple(range(1, prompt + 1)), max_tokens, tuple(stop))
 
 
+BASE = dict(n_slots=4, max_len=256, token_budget=16, max_waiting=16, retry_after_s=1.0)
+
+
 def scheduler(**overrides) -> Scheduler:
-    config = dict(n_slots=4, max_len=256, token_budget=16, max_waiting=16) | overrides
+    config = BASE | overrides
     return Scheduler(SchedulerConfig(**config), clock=lambda: 0.0)
 
 
@@ -243,9 +246,11 @@ def test_the_step_protocol_is_enforced():
 
 def test_config_errors_name_the_field_value_and_limit():
     with pytest.raises(ValueError, match=r"token_budget = 4 must be >= 8 \(n_slots"):
-        SchedulerConfig(n_slots=8, token_budget=4)
+        SchedulerConfig(**BASE | {"n_slots": 8, "token_budget": 4})
     with pytest.raises(ValueError, match=r"max_waiting = 0 must be >= 1"):
-        SchedulerConfig(max_waiting=0)
+        SchedulerConfig(**BASE | {"max_waiting": 0})
+    with pytest.raises(ValueError, match=r"max_len = 1 must be >= 2"):
+        SchedulerConfig(**BASE | {"max_len": 1})
 
 
 def test_finished_requests_holes_are_compacted_when_nobody_waits():
@@ -291,7 +296,7 @@ def test_requests_round_trip_as_compact_messages():
 
 def test_random_arrivals_lengths_and_aborts_keep_every_invariant():
     rng = random.Random(1234)
-    config = SchedulerConfig(n_slots=6, max_len=96, token_budget=16, max_waiting=8)
+    config = SchedulerConfig(**BASE | dict(n_slots=6, max_len=96, token_budget=16, max_waiting=8))
     sched, model = Scheduler(config, clock=lambda: 0.0), FakeModel()
     requests, arrive, abort_after = {}, {}, {}
     for i in range(100):

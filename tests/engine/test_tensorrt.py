@@ -107,7 +107,9 @@ def test_a_plan_serves_through_the_scheduler_like_eager_greedy(fp32_plan, tiny_p
     token_bytes = TokenBytes((tiny_package / "tokenizer.json").read_text(encoding="utf-8"))
     # 3 slots, a budget of 6 tokens: prompts are chunked, requests join and leave every few
     # steps and the tail compacts (device-side row moves)
-    config = SchedulerConfig(n_slots=3, max_len=MAX_LEN, token_budget=6, max_waiting=16)
+    config = SchedulerConfig(
+        n_slots=3, max_len=MAX_LEN, token_budget=6, max_waiting=16, retry_after_s=1.0
+    )
     core = EngineCore(runner, config, token_bytes)
     moves, move = [], runner.move
     runner.move = lambda *a: (moves.append(a), move(*a))
