@@ -27,9 +27,12 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
 from gateway.auth.service import KeyStore, parse_bearer, require_scope
+from gateway.clock import Clock, monotonic
 from gateway.errors import classify
-from gateway.limits.service import make_rate_limiter
+from gateway.limits.service import RateLimiter, make_rate_limiter
 from gateway.metrics import GatewayMetrics
+from gateway.models.deployments import Loader
+from gateway.models.routing import Catalog
 from gateway.models.service import ModelManager, ModelsConfig
 from gateway.openai.routes import ROUTES
 from gateway.openai.service import GenerationService, Limits
@@ -214,27 +217,44 @@ async def metrics_route(request: Request, models: NamedDependency[ModelManager])
 # ── the application ──
 
 
-def create_app(config: GatewayConfig) -> Litestar:
+def create_app(
+    config: GatewayConfig,
+    *,
+    catalog: Catalog | None = None,
+    loader: Loader | None = None,
+    keys: KeyStore | None = None,
+    limiter: RateLimiter | None = None,
+    clock: Clock = monotonic,
+) -> Litestar:
+    """The gateway for `config`. Collaborators not given are built from it: `catalog`, the
+    registry that routes model names (Registry.open(config.registry)); `loader`, where engines
+    come from (the registry's packages in process, or config.models.remote engine servers);
+    `keys`, the key store (config.keys_db); `limiter`, the rate limiter (config.redis_url, else
+    in memory). The app owns what it is given: it closes them when it stops. `clock` is the
+    time of every TTL, idle window and rate bucket in the app."""
     metrics = GatewayMetrics()
-    registry = Registry.open(config.registry)
     models = ModelManager(
-        registry,
+        catalog if catalog is not None else Registry.open(config.registry),
         config.models,
+        loader=loader,
+        clock=clock,
         on_load=lambda d: metrics.model_up(d.name, str(d.version), d.load_s),
         on_unload=lambda d: metrics.model_down(d.name, str(d.version)),
     )
-    keys = KeyStore(config.keys_db)
+    keys = keys if keys is not None else KeyStore(config.keys_db, clock=clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        limiter = await make_rate_limiter(config.redis_url)
-        app.state.generation = GenerationService(models, limiter, metrics, config.limits)
+        rates = limiter
+        if rates is None:
+            rates = await make_rate_limiter(config.redis_url, clock=clock)
+        app.state.generation = GenerationService(models, rates, metrics, config.limits)
         await models.start()
         try:
             yield
         finally:
             await models.close()
-            await limiter.close()
+            await rates.close()
             keys.close()
 
     open_access = keys.count() == 0 and is_loopback(config.host)

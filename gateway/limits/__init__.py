@@ -1,26 +1,11 @@
-"""Per-key rate limits (requests and tokens per minute), in memory or shared through Redis."""
+"""Per-key rate limits (requests and tokens per minute), in memory or shared through Redis.
 
-from __future__ import annotations
+    service.py        the `RateLimiter` interface and `make_rate_limiter`
+    bucket.py         the rule (token buckets), shared by both limiters
+    memory.py         one process (the embedded default)
+    redis_limiter.py  several gateway replicas sharing limits
+    schemas.py        a decision, its HTTP headers and refusal message
+    errors.py         a limiter that cannot decide at all
 
-from gateway.limits.errors import LimiterUnavailable, LimitsError
-from gateway.limits.service import (
-    LimitDecision,
-    MemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    headers,
-    make_rate_limiter,
-    refusal_message,
-)
-
-__all__ = [
-    "LimitDecision",
-    "LimiterUnavailable",
-    "LimitsError",
-    "MemoryRateLimiter",
-    "RateLimiter",
-    "RedisRateLimiter",
-    "headers",
-    "make_rate_limiter",
-    "refusal_message",
-]
+Import from the modules; this package imports none of them, so none imports it back.
+"""

@@ -7,9 +7,7 @@ memory grows with the number of keys recently used, not with traffic.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
+from gateway.clock import Clock, monotonic
 from gateway.limits import bucket
 from gateway.limits.schemas import LimitDecision
 
@@ -17,7 +15,7 @@ _State = tuple[float, float, int]  # (available, updated at, capacity)
 
 
 class MemoryRateLimiter:
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic):  # seconds; tests fake it
+    def __init__(self, *, clock: Clock = monotonic):
         self._clock = clock
         self._buckets: dict[tuple[str, str], _State] = {}
 

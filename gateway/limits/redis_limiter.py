@@ -10,9 +10,9 @@ when it would be full again, so idle keys cost nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
+from gateway.clock import Clock
 from gateway.limits import bucket
 from gateway.limits.errors import LimiterUnavailable
 from gateway.limits.schemas import LimitDecision
@@ -87,7 +87,7 @@ class RedisRateLimiter:
         *,
         url: str = "redis",  # for error messages only (redacted)
         prefix: str = "aimass:ratelimit:",  # namespace of the bucket keys
-        clock: Callable[[], float] | None = None,  # seconds; None = the Redis server's TIME
+        clock: Clock | None = None,  # None: the Redis server's TIME, one clock for all replicas
     ):
         self._client = client
         self._url = redact(url)
@@ -95,6 +95,11 @@ class RedisRateLimiter:
         self._clock = clock
         self._check = client.register_script(_CHECK)
         self._settle = client.register_script(_SETTLE)
+        # deferred: redis loads only for a gateway configured with it (whoever built `client`
+        # has imported it already)
+        from redis.exceptions import RedisError
+
+        self._failures = (RedisError, OSError)
 
     async def check_request(
         self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int
@@ -125,11 +130,9 @@ class RedisRateLimiter:
         return "" if self._clock is None else str(int(self._clock() * 1000))
 
     async def _call(self, script, keys: list[str], args: list):
-        from redis.exceptions import RedisError
-
         try:
             return await script(keys=keys, args=args)
-        except (RedisError, OSError) as e:
+        except self._failures as e:
             raise LimiterUnavailable(f"rate-limit Redis at {self._url} failed: {e}") from e
 
 

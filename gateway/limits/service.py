@@ -14,20 +14,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from gateway.clock import Clock, monotonic
 from gateway.limits.errors import LimiterUnavailable
 from gateway.limits.memory import MemoryRateLimiter
 from gateway.limits.redis_limiter import RedisRateLimiter, redact
-from gateway.limits.schemas import LimitDecision, headers, refusal_message
-
-__all__ = [
-    "LimitDecision",
-    "MemoryRateLimiter",
-    "RateLimiter",
-    "RedisRateLimiter",
-    "headers",
-    "make_rate_limiter",
-    "refusal_message",
-]
+from gateway.limits.schemas import LimitDecision
 
 
 class RateLimiter(Protocol):
@@ -47,13 +38,16 @@ class RateLimiter(Protocol):
 async def make_rate_limiter(
     redis_url: str | None,
     *,
+    clock: Clock = monotonic,  # the in-memory buckets' time
     prefix: str = "aimass:ratelimit:",  # Redis key namespace (several gateways, one Redis)
 ) -> RateLimiter:
     """In-memory limits without a URL; else Redis at `redis_url`, checked with a PING now so a
     wrong URL fails at startup (`LimiterUnavailable`, naming it) rather than on the first
-    request."""
+    request. Redis buckets keep the Redis server's time, not `clock`: replicas share buckets,
+    and each replica's monotonic clock counts from its own start."""
     if not redis_url:
-        return MemoryRateLimiter()
+        return MemoryRateLimiter(clock=clock)
+    # deferred: redis's client modules load only for a gateway configured with Redis
     import redis.asyncio
     from redis.exceptions import RedisError
 

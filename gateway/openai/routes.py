@@ -15,7 +15,7 @@ from gateway.auth.schemas import KeyRecord
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.errors import ClientDisconnected
-from gateway.openai.service import GenerationService
+from gateway.openai.service import GenerationService, chat_template
 from gateway.openai.validation import InvalidParameter, tokenize_input
 
 INFERENCE = {"scopes": ("inference",)}
@@ -117,9 +117,10 @@ async def tokenize(
         if isinstance(source, str):
             ids = d.tokenizer.encode(source, add_special_tokens=False).ids
         else:
-            if d.chat_template is None:
+            if not d.info.chat_template:
                 raise InvalidParameter("messages", f"{d.ref} has no chat template")
-            text = d.chat_template.render(source, add_generation_prompt=data.add_generation_prompt)
+            template = chat_template(d)
+            text = template.render(source, add_generation_prompt=data.add_generation_prompt)
             ids = d.tokenizer.encode(text, add_special_tokens=False).ids
         strs = [d.tokenizer.id_to_token(i) for i in ids] if data.return_token_strs else None
         extra = {"token_strs": strs} if strs is not None else {}

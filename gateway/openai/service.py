@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ from gateway.errors import RateLimited, TooLargeForLimit, classify
 from gateway.limits.schemas import LimitDecision, headers, refusal_message
 from gateway.limits.service import RateLimiter
 from gateway.metrics import GatewayMetrics
-from gateway.models.service import Deployment, Lease, ModelManager
+from gateway.models.deployments import Deployment, Lease
+from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
-from gateway.openai.chat_template import NoChatTemplate
+from gateway.openai.chat_template import ChatTemplate, NoChatTemplate
 from gateway.openai.validation import (
     InvalidParameter,
     check_request,
@@ -71,7 +71,6 @@ class Generation:
     key_id: str
     reserved: int
     decision: LimitDecision | None
-    started: float
 
     @property
     def deployment(self) -> Deployment:
@@ -143,17 +142,15 @@ class GenerationService:
             if decision is not None and decision.allowed:
                 await self.limiter.settle(key_id, reserved, 0)
             raise
-        return Generation(
-            req, lease, stream, len(ids), n, key_id, reserved, decision, time.monotonic()
-        )
+        return Generation(req, lease, stream, len(ids), n, key_id, reserved, decision)
 
     def _prompt_ids(self, req: AnyRequest, d: Deployment) -> list[int]:
         if isinstance(req, api.ChatCompletionRequest):
-            if d.chat_template is None:
+            if not d.info.chat_template:
                 raise NoChatTemplate(
                     f"{d.ref} has no chat template; use /v1/completions with a plain prompt"
                 )
-            text = d.chat_template.render(template_messages(req.messages))
+            text = chat_template(d).render(template_messages(req.messages))
             return d.tokenizer.encode(text, add_special_tokens=False).ids
         prompts = prompt_inputs(req)
         if len(prompts) != 1:
@@ -359,6 +356,13 @@ class GenerationService:
             out.text_offset.append(offset)
             offset += len(text)
         return out
+
+
+def chat_template(d: Deployment) -> ChatTemplate:
+    """`d`'s chat template (NoChatTemplate if it has none). Cheap per request: the template is
+    compiled once per source text (`chat_template._compile`)."""
+    info = d.info
+    return ChatTemplate(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
 
 
 def _event(data: bytes) -> bytes:

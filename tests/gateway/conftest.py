@@ -54,9 +54,10 @@ def base_config(tmp_path: Path, registry: Path, **kw) -> GatewayConfig:
 
 
 class RunningGateway:
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, **collaborators):
+        """`collaborators`: create_app's keyword arguments (a clock, a loader, ...)."""
         self.config = config
-        self.app = create_app(config)
+        self.app = create_app(config, **collaborators)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = uvicorn.Config(
@@ -84,8 +85,8 @@ class RunningGateway:
 
 
 @contextlib.contextmanager
-def running(config: GatewayConfig):
-    with RunningGateway(config) as gw:
+def running(config: GatewayConfig, **collaborators):
+    with RunningGateway(config, **collaborators) as gw:
         yield gw
 
 

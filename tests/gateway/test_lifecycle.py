@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-import gateway.models.service as model_service
+import gateway.models.loader as model_loader
 from engine.client import RemoteEngine
 from engine.core import EngineCore
 from registry.registry import Registry
@@ -41,6 +41,7 @@ from tests.gateway.conftest import (
     sse_data,
     wait_for,
 )
+from tests.gateway.fakes import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 C = "/v1/completions"
@@ -88,14 +89,14 @@ def two_versions(tmp_path, tiny_package) -> Path:
 def count_loads(monkeypatch, delay_s: float = 0.0) -> list[str]:
     """Every in-process load the gateway starts, by "name:version" (after `delay_s`)."""
     loads: list[str] = []
-    load_engine = model_service.load_engine
+    load_engine = model_loader.load_engine
 
     def counted(package, config, *, model, version):
         loads.append(f"{model}:{version}")
         time.sleep(delay_s)
         return load_engine(package, config, model=model, version=version)
 
-    monkeypatch.setattr(model_service, "load_engine", counted)
+    monkeypatch.setattr(model_loader, "load_engine", counted)
     return loads
 
 
@@ -108,7 +109,8 @@ def test_first_request_loads_idle_unloads_next_request_reloads(
     loads = count_loads(monkeypatch)
     config = base_config(tmp_path, tiny_registry)
     config = replace(config, models=replace(config.models, idle_unload_s=1.0, reap_every_s=0.1))
-    with running(config) as gw:
+    clock = FakeClock()
+    with running(config, clock=clock) as gw:
         assert loaded(gw) == {} and loads == []
         assert complete(gw).status_code == 200
         assert complete(gw).status_code == 200
@@ -117,7 +119,8 @@ def test_first_request_loads_idle_unloads_next_request_reloads(
         assert metric(text, "aimass_model_loaded", model="tiny", version="1") == 1
         assert metric(text, "aimass_model_load_seconds_count", model="tiny") == 1
         assert loads == ["tiny:1"]
-        # idle for idle_unload_s: scaled to zero
+        # idle for idle_unload_s: scaled to zero by the next reaper pass
+        clock.advance(1.0)
         wait_for(lambda: loaded(gw) == {}, timeout=5)
         assert metric(metrics(gw), "aimass_model_loaded", model="tiny", version="1") == 0
         # the next request loads it again
@@ -177,7 +180,8 @@ def test_a_dead_engine_is_loaded_again_by_the_next_request(tmp_path, tiny_regist
 def test_an_alias_move_is_picked_up_and_the_old_version_drains(tmp_path, two_versions, monkeypatch):
     slow_steps(monkeypatch, 0.02)  # the long request below takes 2 s
     config = base_config(tmp_path, two_versions)  # resolve_ttl_s=0.2
-    with running(config) as gw:
+    clock = FakeClock()
+    with running(config, clock=clock) as gw:
         assert complete(gw).status_code == 200
         assert loaded(gw) == {"tiny:1": "ok"}
         # a long request on version 1 is in flight while the alias moves
@@ -192,7 +196,7 @@ def test_an_alias_move_is_picked_up_and_the_old_version_drains(tmp_path, two_ver
         long.start()
         wait_for(lambda: engine_stats(gw, "tiny:1").slots_used == 1, timeout=5)
         Registry.open(str(two_versions)).set_alias("tiny", "production", 2)
-        time.sleep(0.3)  # > resolve_ttl_s
+        clock.advance(0.3)  # > resolve_ttl_s
         assert complete(gw).status_code == 200
         assert engine_stats(gw, "tiny:2").requests_total == 1  # served by version 2
         assert set(loaded(gw)) == {"tiny:1", "tiny:2"}  # 1 drains its request first
@@ -223,7 +227,8 @@ def served_by(gw, request) -> str:
 
 def test_a_canary_splits_users_and_keeps_each_on_one_side(tmp_path, two_versions):
     Registry.open(str(two_versions)).set_alias("tiny", "canary", 2, weight=0.5)
-    with running(base_config(tmp_path, two_versions)) as gw:
+    clock = FakeClock()
+    with running(base_config(tmp_path, two_versions), clock=clock) as gw:
 
         def as_user(user: str) -> str:
             return served_by(gw, lambda: complete(gw, user=user).status_code)
@@ -244,7 +249,7 @@ def test_a_canary_splits_users_and_keeps_each_on_one_side(tmp_path, two_versions
         }
         # the canary's weight to 0: everyone on production once the routes refresh
         Registry.open(str(two_versions)).set_alias("tiny", "canary", 2, weight=0.0)
-        time.sleep(0.3)  # > resolve_ttl_s
+        clock.advance(0.3)  # > resolve_ttl_s
         assert {as_user(u) for u in users} == {"tiny:1"}
 
 

@@ -14,25 +14,14 @@ import uuid
 
 import pytest
 
-from gateway.limits import (
-    LimiterUnavailable,
-    MemoryRateLimiter,
-    RedisRateLimiter,
-    headers,
-    make_rate_limiter,
-    refusal_message,
-)
-from gateway.limits.schemas import format_duration
+from gateway.limits.errors import LimiterUnavailable
+from gateway.limits.memory import MemoryRateLimiter
+from gateway.limits.redis_limiter import RedisRateLimiter
+from gateway.limits.schemas import format_duration, headers, refusal_message
+from gateway.limits.service import make_rate_limiter
+from tests.gateway.fakes import FakeClock
 
 REDIS_URL = os.environ.get("AIMASS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _redis_or_skip():
