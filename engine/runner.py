@@ -1,4 +1,5 @@
-"""Runs the engine graph (contract 2) on ONNX Runtime over a KV cache allocated once.
+"""Runs the engine graph (contract 2, engine/graph.py) on ONNX Runtime over a KV cache
+allocated once.
 
 The cache is one OrtValue per layer and kind, of shape [n_slots, K, max_len, hd], and every
 forward binds each `present_*` output to the same memory as its `past_*` input, so

@@ -104,7 +104,9 @@ class Artifact(msgspec.Struct, kw_only=True):
     entry: str  # the file the runtime opens (a path in `files`)
     files: list[FileEntry]
     max_len: int  # positions the graph's KV cache holds (prompt + generated)
-    graph_version: int = 1  # version of the engine graph contract (inputs, outputs, cache)
+    # version of the engine graph contract (inputs, outputs, cache: engine/graph.py's
+    # GRAPH_VERSION); the engine refuses one it does not run
+    graph_version: int = 1
     quantization: Quantization | None = None
     # TensorRT plans only: a plan runs on the TensorRT version and GPU it was built for
     trt_version: str | None = None

@@ -16,7 +16,9 @@ import onnx
 import pytest
 import torch
 
+from engine import graph
 from exporters.errors import ExportError
+from exporters.onnx_ort import build_ort_graph
 from exporters.portable import build_portable_graph
 from exporters.tensorrt import (
     TensorRTUnavailable,
@@ -70,6 +72,17 @@ def test_arguments_are_checked_before_tensorrt_is_needed(model, tmp_path):
         build_engine(
             fp32, tmp_path / "a.plan", max_batch=2, max_len=64, precision="fp32", opt_len=100
         )
+    newer = onnx.load(str(fp32))
+    onnx.helper.set_model_props(
+        newer, {p.key: p.value for p in newer.metadata_props} | {graph.VERSION_KEY: "99"}
+    )
+    onnx.save(newer, tmp_path / "newer.onnx")
+    with pytest.raises(ExportError, match=r"graph contract version 99 of .*newer.onnx is not"):
+        build_engine(tmp_path / "newer.onnx", tmp_path / "a.plan", max_batch=2, max_len=MAX_LEN)
+    ort_graph = tmp_path / "ort.onnx"
+    onnx.save(build_ort_graph(model, MAX_LEN), ort_graph)
+    with pytest.raises(ExportError, match=r"ort.onnx is not a portable engine graph"):
+        build_engine(ort_graph, tmp_path / "a.plan", max_batch=2, max_len=MAX_LEN)
     assert not (tmp_path / "a.plan").exists()
 
 
