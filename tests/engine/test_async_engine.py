@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from engine.api import EngineClient
 from engine.async_engine import AsyncEngine
 from engine.client import RemoteEngine
-from engine.errors import ContextOverflow, EngineDead, Overloaded
+from engine.errors import ContextOverflow, EngineDead, InvalidRequest, Overloaded
 from engine.loader import EngineConfig, load_engine, open_core
 from engine.request import EngineRequest, SamplingParams
 from engine.server import EngineServer
@@ -135,6 +135,8 @@ def test_admission_errors_reach_the_caller_before_any_output(tiny_package, tok, 
             outputs = long.__aiter__()
             first = await anext(outputs)
             waiting = await engine.submit(req(tok, "b", "class", 4, temperature=0))
+            with pytest.raises(InvalidRequest, match="request id 'a' is already in the engine"):
+                await engine.submit(req(tok, "a", "class", 4, temperature=0))
             with pytest.raises(Overloaded) as e:
                 await engine.submit(req(tok, "c", "class", 4, temperature=0))
             assert e.value.retry_after_s == 3.0
@@ -144,6 +146,22 @@ def test_admission_errors_reach_the_caller_before_any_output(tiny_package, tok, 
 
     first, tokens, finish = asyncio.run(main())
     assert first.token_ids and finish == "length" and len(tokens) == 4
+
+
+@pytest.mark.parametrize("kind", ["local", "remote"])
+def test_what_a_caller_needs_to_know_comes_through_the_api(tiny_package, kind):
+    """The KV cache's bytes and the token table, from a local or a remote engine alike."""
+
+    async def main():
+        async with engine_under_test(tiny_package, kind) as engine:
+            return engine.info, engine.token_bytes(), engine.token_bytes()
+
+    info, table, again = asyncio.run(main())
+    core, _ = open_core(tiny_package, CONFIG)
+    # 2 layers × (K, V) × 4 slots × 2 kv heads × 128 positions × head size 16, fp32
+    assert info.kv_bytes == core.runner.kv_bytes == 2 * 2 * 4 * 2 * 128 * 16 * 4
+    assert table is again  # built once
+    assert table.table == core.token_bytes.table and table.vocab_size == info.vocab_size
 
 
 def test_the_event_loop_stays_responsive_while_the_engine_computes(tiny_package, tok):
