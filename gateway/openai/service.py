@@ -7,7 +7,8 @@ the prompt → bounds (prompt tokens, max_tokens against the context) → rate l
 prompt + max_tokens × n tokens) → engine admission (queue full: 503). Once the engine accepted
 it, the reservation is settled to the tokens really used when the request ends, however it ends.
 A client that disconnects closes the stream, which aborts the request and frees its slot (a
-non-streamed request is cancelled by its route to the same effect).
+non-streamed request is cancelled by its route to the same effect). A request whose output the
+engine failed to produce ends alone with an "error" event: a 500, or an error event mid-stream.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class Limits:
     # default rate limits for keys that set none (None = unlimited)
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+
+
+class OutputFailed(RuntimeError):
+    """The engine could not produce this request's output (its output handling raised): the
+    request ended alone, with an "error" event, and the engine serves on. A fault on our side:
+    the client gets a 500 (or an error event mid-stream) and the log gets the engine's message."""
 
 
 @dataclass
@@ -199,6 +206,8 @@ class GenerationService:
         used = [0] * g.n  # output tokens of each choice so far
         try:
             async for out in g.stream:
+                if out.finish_reason == "error":
+                    raise self._failed(g, out)
                 texts[out.index] += out.text
                 tokens[out.index] += out.logprobs or ()
                 used[out.index] = out.completion_tokens
@@ -249,6 +258,8 @@ class GenerationService:
                     yield _event(enc(self._chat_chunk(rid, created, model, i, delta, None,
                                                       None, usage_on)))  # fmt: skip
             async for out in g.stream:
+                if out.finish_reason == "error":
+                    raise self._failed(g, out)
                 used[out.index] = out.completion_tokens
                 if out.finished:
                     self._observe(g, out)
@@ -284,6 +295,9 @@ class GenerationService:
             self.metrics.engine_errors_total.labels(model, "dead").inc()
             _, body, _ = classify(e)
             yield _event(enc(body))
+        except OutputFailed as e:
+            _, body, _ = classify(e)  # a fault on our side: logged there
+            yield _event(enc(body))
         finally:
             await self._end(g, sum(used))
         yield b"data: [DONE]\n\n"
@@ -307,6 +321,13 @@ class GenerationService:
                 self._settling.add(settle)  # the loop holds tasks weakly
                 settle.add_done_callback(self._settling.discard)
                 await asyncio.shield(settle)
+
+    def _failed(self, g: Generation, out: RequestOutput) -> OutputFailed:
+        self.metrics.engine_errors_total.labels(g.request.model, "output").inc()
+        return OutputFailed(
+            f"{g.deployment.ref} failed to produce the output of request {out.request_id}: "
+            f"{out.error}"
+        )
 
     def _observe(self, g: Generation, out: RequestOutput) -> None:
         if out.timings is not None and out.finish_reason != "abort":

@@ -84,7 +84,9 @@ def fake_info(model: str = "tiny", version: str | None = "1", **kw) -> EngineInf
 class FakeEngine:
     """Answers each request with its prompt's token ids, repeated up to max_tokens (a stop id
     ends it early), for each of its n choices. `pause()` holds every stream before its next
-    token until `resume()`; `kill()` fails it as a dead runtime would."""
+    token until `resume()`; `kill()` fails it as a dead runtime would; `fail_next(why)` ends
+    the next request with an "error" event, as the engine does when one request's output
+    handling raises."""
 
     def __init__(self, info: EngineInfo | None = None, *, address: str = "fake:0"):
         self.info = info or fake_info()
@@ -93,6 +95,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.closed = False
         self._dead: str | None = None
+        self._fail_next: str | None = None
         self._go = asyncio.Event()
         self._go.set()
         self._running: dict[str, tuple[OutputStream, asyncio.Task]] = {}
@@ -103,7 +106,8 @@ class FakeEngine:
         self._check_alive()
         self.submitted.append(request)
         stream = OutputStream(request.request_id, request.sampling.n, self.abort, self._forget)
-        task = asyncio.create_task(self._emit(stream, request))
+        task = asyncio.create_task(self._emit(stream, request, self._fail_next))
+        self._fail_next = None
         self._running[request.request_id] = (stream, task)
         return stream
 
@@ -169,15 +173,25 @@ class FakeEngine:
         self._dead = why
         self._fail_all(EngineDead(why))
 
+    def fail_next(self, why: str) -> None:
+        self._fail_next = why
+
     def revive(self) -> None:
         """As an engine server restarted on its address."""
         self._dead = None
 
     # ── internals ──
 
-    async def _emit(self, stream: OutputStream, request: EngineRequest) -> None:
+    async def _emit(self, stream: OutputStream, request: EngineRequest, fail: str | None) -> None:
         prompt = request.prompt_token_ids
         token_bytes = self.token_bytes()
+        if fail is not None:
+            await self._go.wait()
+            for index in range(request.sampling.n):
+                out = RequestOutput(request.request_id, index, finish_reason="error", error=fail)
+                stream.put(out)
+            self._running.pop(request.request_id, None)
+            return
         for index in range(request.sampling.n):
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             for count, token in enumerate(itertools.islice(itertools.cycle(prompt),

@@ -401,3 +401,30 @@ def test_an_unknown_model_over_http_is_a_404_in_openai_shape(tmp_path):
             assert r.json()["error"]["param"] == "model"
 
     run(main())
+
+
+def test_a_request_the_engine_fails_alone_is_a_500_and_the_next_one_is_served(tmp_path):
+    loader = FakeLoader()
+    app = fake_app(tmp_path, FakeClock(), loader)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
+
+    async def main():
+        async with AsyncTestClient(app) as client:
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            engine = loader.engines["tiny:1"]
+            engine.fail_next("the detokenizer raised")
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            engine.fail_next("the detokenizer raised")
+            r = await client.post("/v1/completions", json=body | {"stream": True})
+            events = sse_payloads(r.text)
+            assert r.status_code == 200 and events[-1] == "[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "internal_error"
+            # the engine serves on: same engine, no reload
+            r = await client.post("/v1/completions", json=body)
+            assert r.json()["choices"][0]["text"] == "hel"
+            assert loader.loads == ["tiny:1"] and not engine.closed
+            metrics = (await client.get("/metrics")).text
+            assert 'aimass_engine_errors_total{kind="output",model="tiny"} 2.0' in metrics
+
+    run(main())
