@@ -94,6 +94,8 @@ def _generate_from_package(args: argparse.Namespace) -> int:
         )
         while core.has_work():
             for out in core.step():
+                if out.finish_reason == "error":  # the engine ended this request alone
+                    raise EngineError(out.error)
                 sys.stdout.write(out.text)
                 sys.stdout.flush()
         sys.stdout.write("\n")
