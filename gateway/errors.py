@@ -30,8 +30,8 @@ that has a row, so a subclass answers as its base unless it has a row of its own
     anything else                           500     server_error           internal_error            -  (logged with its traceback)
 
 The error classes live beside what raises them (engine/errors.py, gateway/auth/errors.py,
-gateway/limits/errors.py, gateway/openai/errors.py, gateway/openai/chat_template.py), and none
-of those imports this module; the model lifecycle's three are defined here. `error_responses`
+gateway/limits/errors.py, gateway/models/errors.py, gateway/openai/errors.py,
+gateway/openai/chat_template.py), and none of those imports this module. `error_responses`
 documents a route's error statuses in OpenAPI from this same table.
 """
 
@@ -58,35 +58,12 @@ from litestar.openapi.datastructures import ResponseSpec
 from engine.errors import ContextOverflow, EngineDead, InvalidRequest, Overloaded
 from gateway.auth.errors import InvalidKey, MissingKey, PermissionDenied
 from gateway.limits.errors import LimiterUnavailable, RateLimited, TooLargeForLimit
+from gateway.models.errors import ModelLoading, ModelNotFound, ModelUnavailable
 from gateway.openai.chat_template import ChatTemplateError, NoChatTemplate, TemplateRaised
 from gateway.openai.errors import ClientDisconnected, InvalidParameter, param_from_validation_error
 from gateway.openai.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
-
-
-# ── the model lifecycle's errors (raised by gateway/models) ──
-
-
-class ModelNotFound(Exception):
-    def __init__(self, model: str, detail: str):
-        self.model = model
-        super().__init__(f"the model {model!r} does not exist or cannot be served: {detail}")
-
-
-class ModelLoading(Exception):
-    def __init__(self, ref: str, waited_s: float):
-        self.retry_after_s = max(1.0, waited_s / 2)
-        super().__init__(
-            f"{ref} is still loading after {waited_s:g} s; retry after "
-            f"{math.ceil(self.retry_after_s)} s"
-        )
-
-
-class ModelUnavailable(Exception):
-    def __init__(self, message: str, retry_after_s: float | None = 1.0):
-        self.retry_after_s = retry_after_s
-        super().__init__(message)
 
 
 # ── the table ──

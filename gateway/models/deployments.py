@@ -33,7 +33,7 @@ from engine.api import EngineClient
 from engine.detokenizer import TokenBytes
 from engine.outputs import EngineInfo
 from gateway.clock import Clock
-from gateway.errors import ModelLoading, ModelUnavailable
+from gateway.models.errors import ModelLoading, ModelUnavailable
 
 log = logging.getLogger(__name__)
 

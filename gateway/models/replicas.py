@@ -16,7 +16,7 @@ from engine.detokenizer import TokenBytes
 from engine.errors import EngineDead
 from engine.outputs import EngineInfo, EngineStats, Health
 from engine.request import EngineRequest
-from gateway.errors import ModelUnavailable
+from gateway.models.errors import ModelUnavailable
 
 
 class ReplicaSet:

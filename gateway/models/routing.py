@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.clock import Clock
-from gateway.errors import ModelNotFound
+from gateway.models.errors import ModelNotFound
 from registry.errors import RegistryError
 from registry.names import Ref, parse_ref
 from registry.records import AliasRecord

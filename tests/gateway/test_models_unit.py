@@ -15,8 +15,8 @@ from litestar.testing import AsyncTestClient
 from engine.errors import EngineDead
 from engine.request import EngineRequest
 from gateway.app import GatewayConfig, create_app
-from gateway.errors import ModelLoading, ModelNotFound, ModelUnavailable
 from gateway.models.deployments import Deployments
+from gateway.models.errors import ModelLoading, ModelNotFound, ModelUnavailable
 from gateway.models.replicas import ReplicaSet
 from gateway.models.routing import Router
 from gateway.models.service import ModelManager, ModelsConfig
