@@ -12,6 +12,7 @@ import json
 import pytest
 from litestar.testing import AsyncTestClient
 
+from engine.api import EngineClient
 from engine.errors import EngineDead
 from engine.request import EngineRequest
 from gateway.app import GatewayConfig, create_app
@@ -314,6 +315,13 @@ def test_replicas_take_requests_by_fewest_outstanding_and_a_dead_one_is_skipped(
         assert not (await replicas.health()).ok
 
     run(main())
+
+
+def test_the_fake_engine_and_a_replica_set_are_engine_clients():
+    # what the gateway may call on an engine is engine.api's Protocol, nothing more
+    engine = FakeEngine()
+    assert isinstance(engine, EngineClient)
+    assert isinstance(run(ReplicaSet([engine]).connect()), EngineClient)
 
 
 def test_no_replica_answering_is_model_unavailable():
