@@ -18,13 +18,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers import BaseRouteHandler
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, SecurityScheme
 
 from gateway.auth.service import KeyStore, parse_bearer, require_scope
 from gateway.clock import Clock, monotonic
@@ -184,8 +186,23 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: registry reachable, no load in progress, engines healthy")
-async def readyz(models: NamedDependency[ModelManager]) -> Response:
+class Readiness(msgspec.Struct):
+    ready: bool
+    models: dict[str, str]  # each loaded deployment ("tiny:1") and its engine's health
+    problems: list[str]  # why not ready; empty when ready
+
+
+NOT_READY = ResponseSpec(
+    Readiness, description="Not ready; `problems` says why", generate_examples=False
+)
+
+
+@get(
+    "/readyz",
+    summary="Readiness: registry reachable, no load in progress, engines healthy",
+    responses={503: NOT_READY},
+)
+async def readyz(models: NamedDependency[ModelManager]) -> Response[Readiness]:
     problems = []
     try:
         await asyncio.to_thread(models.registry.models)
@@ -200,8 +217,7 @@ async def readyz(models: NamedDependency[ModelManager]) -> Response:
     if not models.ready():
         problems.append("a model is loading")
     status = 200 if not problems else 503
-    return Response({"ready": not problems, "models": loaded, "problems": problems},
-                    status_code=status)  # fmt: skip
+    return Response(Readiness(not problems, loaded, problems), status_code=status)
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
@@ -215,6 +231,12 @@ async def metrics_route(request: Request, models: NamedDependency[ModelManager])
 
 
 # ── the application ──
+
+API_KEY = SecurityScheme(
+    type="http",
+    scheme="bearer",
+    description="An API key, `aim_<id>_<secret>`; routes name the scopes they need",
+)
 
 
 def create_app(
@@ -273,7 +295,12 @@ def create_app(
         lifespan=[lifespan],
         state=state,
         request_max_body_size=config.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="aimass gateway", version="0.1.0", path="/docs"),
+        openapi_config=OpenAPIConfig(
+            title="aimass gateway",
+            version="0.1.0",
+            path="/docs",
+            components=Components(security_schemes={"bearer": API_KEY}),
+        ),
         logging_config=None,
     )
 

@@ -12,9 +12,11 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from gateway.auth.schemas import KeyRecord
+from gateway.errors import error_responses
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.errors import ClientDisconnected
+from gateway.openai.openapi import BEARER, generation_responses, json_or_events
 from gateway.openai.service import GenerationService, chat_template
 from gateway.openai.validation import InvalidParameter, tokenize_input
 
@@ -71,7 +73,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@post("/v1/completions", opt=INFERENCE, status_code=200, summary="Create a completion")
+@post(
+    "/v1/completions",
+    opt=INFERENCE,
+    status_code=200,
+    summary="Create a completion",
+    security=BEARER,
+    responses=generation_responses(api.Completion),
+    operation_class=json_or_events(api.CompletionChunk),
+)
 async def completions(
     request: Request,
     data: JSONBody[api.CompletionRequest],
@@ -80,7 +90,15 @@ async def completions(
     return await _generate(request, data, generation)
 
 
-@post("/v1/chat/completions", opt=INFERENCE, status_code=200, summary="Create a chat completion")
+@post(
+    "/v1/chat/completions",
+    opt=INFERENCE,
+    status_code=200,
+    summary="Create a chat completion",
+    security=BEARER,
+    responses=generation_responses(api.ChatCompletion),
+    operation_class=json_or_events(api.ChatCompletionChunk),
+)
 async def chat_completions(
     request: Request,
     data: JSONBody[api.ChatCompletionRequest],
@@ -89,7 +107,13 @@ async def chat_completions(
     return await _generate(request, data, generation)
 
 
-@get("/v1/models", opt=READ, summary="List the models this gateway routes")
+@get(
+    "/v1/models",
+    opt=READ,
+    summary="List the models this gateway routes",
+    security=BEARER,
+    responses=error_responses(401, 403, 500),
+)
 async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
     registry = models.registry
 
@@ -105,7 +129,14 @@ async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
     return api.ModelList(data=await asyncio.to_thread(read))
 
 
-@post("/v1/tokenize", opt=READ, status_code=200, summary="Tokenize a prompt or chat messages")
+@post(
+    "/v1/tokenize",
+    opt=READ,
+    status_code=200,
+    summary="Tokenize a prompt or chat messages",
+    security=BEARER,
+    responses=error_responses(400, 401, 403, 404, 413, 500, 503),
+)
 async def tokenize(
     data: JSONBody[api.TokenizeRequest], models: NamedDependency[ModelManager]
 ) -> api.TokenizeResponse:
