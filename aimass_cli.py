@@ -14,6 +14,8 @@ import os
 import sys
 from importlib.metadata import entry_points
 
+from aimass_common.cli import fail
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -60,7 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not is_package(args.model):
         if args.target or args.stop:
             flag = "--target" if args.target else "--stop"
-            return trainer_cli._fail(f"{flag} applies to model packages only")
+            return fail(f"{flag} applies to model packages only")
         return trainer_cli.generate_from_checkpoint(args)
     return _generate_from_package(args)
 
@@ -100,7 +102,7 @@ def _generate_from_package(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
     except (LoadError, EngineError, TrainerError, ValueError) as e:
-        return trainer_cli._fail(str(e))
+        return fail(str(e))
     return 0
 
 

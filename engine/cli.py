@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
+
+from aimass_common.cli import fail
 
 
 def register(subparsers) -> None:
@@ -68,21 +69,16 @@ def engine_config(args: argparse.Namespace):
     )
 
 
-def _fail(message: str) -> int:
-    print(f"aimass: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _serve(args: argparse.Namespace) -> int:
     from engine.loader import LoadError, load_engine
     from engine.server import EngineServer
 
     if not 0 <= args.port <= 65535:
-        return _fail(f"--port={args.port} must be in 0..65535")
+        return fail(f"--port={args.port} must be in 0..65535")
     try:
         engine = load_engine(args.package, engine_config(args))
     except (LoadError, ValueError) as e:
-        return _fail(str(e))
+        return fail(str(e))
 
     async def main() -> None:
         server = EngineServer(engine)
@@ -106,5 +102,5 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(main())
     except OSError as e:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        return fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     return 0

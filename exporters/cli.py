@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from aimass_common.cli import fail
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -35,11 +37,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=_export)
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"aimass: error: {message}", file=sys.stderr)
-    return code
-
-
 def _export(args: argparse.Namespace) -> int:
     from exporters.errors import ExportError
     from exporters.package import export
@@ -49,7 +46,7 @@ def _export(args: argparse.Namespace) -> int:
     from trainer.errors import TrainerError
 
     if args.threads is not None and args.threads < 1:
-        return _fail(f"--threads={args.threads} must be >= 1")
+        return fail(f"--threads={args.threads} must be >= 1")
     try:
         path = export(
             resolve_model(args.model),
@@ -61,7 +58,7 @@ def _export(args: argparse.Namespace) -> int:
             on_progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
     except (ExportError, TrainerError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     for report in load(path).reports.parity.values():
         print(summary(report), file=sys.stderr)
     print(path)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from aimass_common.files import publish_dir, sha256_file
 from engine.loader import LoadError
 from engine.loader import choose_artifact as _engine_choose
 from exporters import targets as _targets
@@ -41,7 +42,6 @@ from registry.manifest import (
     encode,
     file_entry,
     load,
-    sha256_file,
 )
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -105,10 +105,7 @@ def export(
             reports=Reports(parity=reports),
         )
         (staging / MANIFEST).write_bytes(encode(manifest))
-        from trainer.checkpoint import fsync_tree
-
-        fsync_tree(staging)
-        _publish(staging, out_dir)
+        publish_dir(staging, out_dir)  # out_dir is missing or empty (checked before)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -275,14 +272,3 @@ def _lineage(folder: Path, meta: dict) -> Lineage:
         checkpoint_step=meta.get("step"),
         export_code_revision=code_revision(),
     )
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked before); rmdir fails if something appeared since
-    os.replace(staging, out_dir)
-    fd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
+from aimass_common.cli import fail
+from aimass_common.settings import aimass_home, default_registry
 from engine.cli import add_engine_arguments
 
 
-def _home() -> Path:
-    from registry.cache import aimass_home
-
-    return aimass_home()
-
-
 def default_keys_db() -> Path:
-    return _home() / "gateway.db"
+    return aimass_home() / "gateway.db"
 
 
 def register(subparsers) -> None:
@@ -65,11 +60,6 @@ def register(subparsers) -> None:
     register_keys_cli(subparsers, default_keys_db)
 
 
-def _fail(message: str) -> int:
-    print(f"aimass: error: {message}", file=sys.stderr)
-    return 2
-
-
 def build_config(args: argparse.Namespace):
     from engine.cli import engine_config
     from gateway.app import GatewayConfig
@@ -91,7 +81,7 @@ def build_config(args: argparse.Namespace):
         if not model or not addresses:
             raise ValueError(f"--remote {item!r} must be MODEL=HOST:PORT[,HOST:PORT]")
         remote[model] = addresses.split(",")
-    registry = args.registry or os.environ.get("AIMASS_REGISTRY") or str(_home() / "registry")
+    registry = args.registry or default_registry()
     return GatewayConfig(
         registry=registry,
         keys_db=Path(args.keys_db) if args.keys_db else default_keys_db(),
@@ -110,7 +100,7 @@ def build_config(args: argparse.Namespace):
             load_wait_s=args.load_wait,
             engine=engine_config(args),
             remote=remote,
-            cache_dir=_home() / "cache",
+            cache_dir=aimass_home() / "cache",
         ),
     )
 
@@ -134,11 +124,11 @@ def _serve(args: argparse.Namespace) -> int:
         config = build_config(args)
         app = create_app(config)
     except (ValueError, OSError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     configure_logging()
     open_access = app.state.open_access
     if not open_access and app.state.key_store.count() == 0:
-        return _fail(
+        return fail(
             f"no API keys exist and --host {args.host} is not a loopback address: create one "
             "with `aimass keys create --project NAME --scopes inference` first"
         )

@@ -20,21 +20,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from pathlib import Path
 
+from aimass_common.files import publish_file, sha256_file, staged_dir
+from aimass_common.settings import aimass_home
 from registry.backends import BackgroundHash, file_lock
 from registry.errors import IntegrityError, RegistryError
-from registry.manifest import MANIFEST, Manifest, decode, path_problem, sha256_file
+from registry.manifest import MANIFEST, Manifest, decode, path_problem
 from registry.names import Ref
 from registry.registry import Registry, blob_key
 
 READ = 8 << 20
-
-
-def aimass_home() -> Path:
-    """AIMASS_HOME (default ~/.aimass): the embedded default's registry folder and cache."""
-    return Path(os.environ.get("AIMASS_HOME") or Path.home() / ".aimass")
 
 
 def default_cache_dir() -> Path:
@@ -89,7 +85,7 @@ def fetch_blob(registry: Registry, sha: str, size: int, cache: Path) -> Path:
                 offset = 0
             if _download(registry, sha, size, partial, offset) == sha:
                 os.chmod(partial, 0o444)  # shared by hard links: nobody edits a cached file
-                os.replace(partial, final)
+                publish_file(partial, final)
                 return final
             partial.unlink()
             if offset == 0:
@@ -143,9 +139,7 @@ def _materialise(dest: Path, manifest: Manifest, data: bytes, cache: Path, *, li
     """Builds the package folder beside `dest` and renames it into place, manifest last."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise RegistryError(f"{dest} exists and is not an empty folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-    try:
+    with staged_dir(dest) as tmp:
         for e in manifest.files():
             target = tmp / e.path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,9 +152,3 @@ def _materialise(dest: Path, manifest: Manifest, data: bytes, cache: Path, *, li
                     pass  # another filesystem, or no hard links: copy instead
             shutil.copyfile(blob, target)
         (tmp / MANIFEST).write_bytes(data)
-        if dest.exists():
-            dest.rmdir()
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

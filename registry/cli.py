@@ -12,11 +12,13 @@ error is one line on stderr with its exit code:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from datetime import timedelta
 from pathlib import Path
+
+from aimass_common.cli import fail
+from aimass_common.settings import default_registry
 
 
 def register(subparsers) -> None:
@@ -77,14 +79,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"aimass: error: {message}", file=sys.stderr)
-    return code
-
-
 def _run(args: argparse.Namespace) -> int:
     from registry import errors
-    from registry.cache import aimass_home
     from registry.manifest import ManifestError
     from registry.registry import Registry
 
@@ -94,16 +90,16 @@ def _run(args: argparse.Namespace) -> int:
         errors.GateFailed: 4,
         errors.IntegrityError: 5,
     }
-    uri = args.registry or os.environ.get("AIMASS_REGISTRY") or str(aimass_home() / "registry")
+    uri = args.registry or default_registry()
     try:
         registry = Registry.open(uri)
         return HANDLERS[args.registry_command](registry, args)
     except (errors.RegistryError, ManifestError) as e:
-        return _fail(str(e), next((c for t, c in codes.items() if isinstance(e, t)), 2))
+        return fail(str(e), next((c for t, c in codes.items() if isinstance(e, t)), 2))
     except BrokenPipeError:  # `... | head`: the reader left; not an error of the registry
         raise
     except OSError as e:  # the local disk: a full cache, permissions, a missing file
-        return _fail(str(e), 1)
+        return fail(str(e), 1)
 
 
 def _push(reg, args) -> int:
@@ -133,7 +129,7 @@ def _ls(reg, args) -> int:
             for v in reg.versions(args.name)
         ]
         if not rows:
-            return _fail(f"no model named {args.name!r} in {reg.store.uri}")
+            return fail(f"no model named {args.name!r} in {reg.store.uri}")
         lines = [f"{r['version']:>7}  {r['pushed_at']}  {' '.join(r['aliases'])}" for r in rows]
     else:
         rows = []

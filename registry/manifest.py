@@ -19,12 +19,13 @@ version, bumped only for a change old readers must not misread; `decode` refuses
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import msgspec
+
+from aimass_common.files import sha256_file
 
 SCHEMA_VERSION = 1  # the major version this code writes and the newest it reads
 MANIFEST = "manifest.json"
@@ -211,11 +212,6 @@ def load(package_dir: str | Path) -> Manifest:
         return decode(path.read_bytes())
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_entry(package_dir: str | Path, path: str | Path) -> FileEntry:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from aimass_common.files import fsync_dir, staged_dir
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError
 from trainer.model import Transformer
@@ -150,11 +149,9 @@ def write_checkpoint(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes a complete checkpoint at `folder` atomically (temp folder + rename)."""
+    """Writes a complete checkpoint at `folder`, replacing any there, atomically (staged_dir)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_dir(folder, replace=True) as tmp:
         save_file(weights_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = {
             "format": FORMAT,
@@ -166,17 +163,6 @@ def write_checkpoint(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        fsync_tree(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -187,23 +173,4 @@ def point_latest(run_dir: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target.relative_to(run_dir))
     os.replace(tmp, link)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flushes every file and folder under `root` to disk before a rename publishes them, with
-    the permissions of normally created ones (mkdtemp makes 0700 folders; safetensors and onnx
-    write some files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _dirs, names in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for name in names:
-            path = os.path.join(dirpath, name)
-            os.chmod(path, 0o666 & ~umask)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(run_dir)

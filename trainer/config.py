@@ -1,8 +1,10 @@
 """Typed configuration: the model architecture and the training run.
 
-Both are dataclasses with a comment per field, built once at the edge (preset → config file →
-`--set key=value` overrides) and validated there, with messages that name the field, the value
-and the limit. Nothing here reads the environment.
+Both are frozen dataclasses with a comment per field, built once at the edge (preset → config
+file → `--set key=value` overrides) and validated there, with messages that name the field, the
+value and the limit. A changed config is a new one (`with_overrides`, `dataclasses.replace`):
+whoever holds a config can rely on it not changing under them. Nothing here reads the
+environment.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from trainer.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 512  # tokens in the vocabulary; set from the tokenizer when one is trained
     dim: int = 64  # width of the residual stream
@@ -90,7 +92,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # what to train
     preset: str = "tiny"  # architecture preset (see PRESETS) when training from scratch
@@ -160,9 +162,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        cfg = cls()
-        apply_overrides(cfg, _flatten(data))
-        return cfg
+        return with_overrides(cls(), _flatten(data))
 
 
 def _check(name: str, value, *, ge=None, gt=None, le=None, lt=None) -> None:
@@ -217,19 +217,25 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return str(value)
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> None:
-    """Sets dotted `key=value` pairs on the (nested) dataclass `cfg`, naming any unknown key."""
+def with_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """A copy of the (nested) dataclass `cfg` with dotted `key=value` pairs set (values coerced to
+    the fields' types), naming any unknown key. A nested config is set field by field, never
+    whole. `prefix` is the dotted path to `cfg`, for messages."""
+    hints = typing.get_type_hints(type(cfg))
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
     for dotted, value in overrides.items():
-        target, parts = cfg, dotted.split(".")
-        for part in parts[:-1]:
-            sub = getattr(target, part, None)
-            if not dataclasses.is_dataclass(sub):
-                raise ConfigError(f"unknown setting {dotted!r}")
-            target = sub
-        hints = typing.get_type_hints(type(target))
-        if parts[-1] not in hints or parts[-1] == "model":
-            raise ConfigError(f"unknown setting {dotted!r}")
-        setattr(target, parts[-1], _coerce(dotted, value, hints[parts[-1]]))
+        name, sep, rest = dotted.partition(".")
+        is_nested = name in hints and dataclasses.is_dataclass(getattr(cfg, name))
+        if sep and is_nested:
+            nested.setdefault(name, {})[rest] = value
+        elif sep or is_nested or name not in hints:
+            raise ConfigError(f"unknown setting {prefix + dotted!r}")
+        else:
+            changes[name] = _coerce(prefix + dotted, value, hints[name])
+    for name, sub in nested.items():
+        changes[name] = with_overrides(getattr(cfg, name), sub, f"{prefix}{name}.")
+    return dataclasses.replace(cfg, **changes)
 
 
 def parse_set_args(pairs: list[str]) -> dict[str, str]:
@@ -279,23 +285,21 @@ def build_train_config(
     With `base`, the architecture is the base checkpoint's (`base_model`); the preset is ignored.
     Returns a validated config.
     """
-    cfg = TrainConfig()
     file_values = _flatten(read_config_file(config_file)) if config_file else {}
-    chosen = preset or file_values.get("preset") or cfg.preset
+    chosen = preset or file_values.get("preset") or TrainConfig.preset
     if chosen not in PRESETS:
         raise ConfigError(f"preset={chosen!r} is unknown; choose one of {sorted(PRESETS)}")
-    cfg.preset = chosen
-    cfg.model = dataclasses.replace(PRESETS[chosen])
-    cfg.vocab_size = cfg.model.vocab_size
-    cfg.block_size = min(cfg.block_size, cfg.model.max_seq_len)
-    if base is not None:
+    if base is None:
+        model = PRESETS[chosen]
+        cfg = TrainConfig(preset=chosen, model=model, vocab_size=model.vocab_size)
+    else:
         if base_model is None:
             raise ConfigError("base_model is required with base")
-        cfg.model = dataclasses.replace(base_model)
-        cfg.vocab_size = base_model.vocab_size
-        cfg.block_size = min(TrainConfig.block_size, base_model.max_seq_len)
-        apply_overrides(cfg, FINETUNE_DEFAULTS)
-        cfg.base = base
-    apply_overrides(cfg, file_values)
-    apply_overrides(cfg, overrides or {})
+        model = base_model
+        cfg = with_overrides(
+            TrainConfig(preset=chosen, model=model, vocab_size=model.vocab_size, base=base),
+            FINETUNE_DEFAULTS,
+        )
+    cfg = dataclasses.replace(cfg, block_size=min(cfg.block_size, model.max_seq_len))
+    cfg = with_overrides(with_overrides(cfg, file_values), overrides or {})
     return cfg.validate()

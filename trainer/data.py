@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import jinja2
 import numpy as np
 import torch
 
+from aimass_common.files import atomic_write, publish_file
 from trainer.corpus import Corpus, Record, read_records
 from trainer.errors import DataError
 from trainer.model import IGNORE_INDEX
@@ -73,9 +73,8 @@ def build_dataset(
 
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     chat = corpus.kind == "chat"
-    tmp = {
-        name: out_dir / f"{name}.tmp" for name in ("tokens.bin", "loss_mask.bin", "dataset.json")
-    }
+    # fixed names, not fresh ones: a crashed build's token files are overwritten by the next one
+    tmp = {name: out_dir / f"{name}.tmp" for name in ("tokens.bin", "loss_mask.bin")}
     try:
         n_tokens, tokens_sha256, corpus_sha256 = _write_tokens(corpus, tokenizer, dtype, tmp, chat)
         if corpus_sha256 != corpus.sha256:
@@ -98,13 +97,12 @@ def build_dataset(
     # dataset.json goes first and comes back last: a crash in between leaves no metadata that
     # could vouch for half-replaced token files.
     (out_dir / "dataset.json").unlink(missing_ok=True)
-    os.replace(tmp["tokens.bin"], out_dir / "tokens.bin")
+    publish_file(tmp["tokens.bin"], out_dir / "tokens.bin")
     if chat:
-        os.replace(tmp["loss_mask.bin"], out_dir / "loss_mask.bin")
+        publish_file(tmp["loss_mask.bin"], out_dir / "loss_mask.bin")
     else:
         (out_dir / "loss_mask.bin").unlink(missing_ok=True)
-    tmp["dataset.json"].write_text(json.dumps(meta, indent=2))
-    os.replace(tmp["dataset.json"], out_dir / "dataset.json")
+    atomic_write(out_dir / "dataset.json", json.dumps(meta, indent=2))
     return TokenDataset(out_dir, meta)
 
 

@@ -40,7 +40,10 @@ def stream_tokens(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        gen.seed()  # this generator only, from the OS: torch's global RNG is left as it was
+    else:
+        gen.manual_seed(seed)
     stops = set(stop_ids)
     cache = KVCache(cfg, 1, len(prompt_ids) + max_tokens, device, dtype)
     idx = torch.tensor([prompt_ids], device=device)

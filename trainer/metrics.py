@@ -7,13 +7,15 @@ the charts are drawn from, so a resumed run's charts cover the whole run.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from aimass_common.files import atomic_write
 
 
 class MetricsLog:
@@ -25,9 +27,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.read() if line["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -76,10 +76,10 @@ def draw_charts(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         if len(keys) > 1:
             ax.legend()
         fig.tight_layout()
-        tmp = out_dir / f".{name}.tmp.png"
-        fig.savefig(tmp)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
         plt.close(fig)
-        os.replace(tmp, out_dir / name)
+        atomic_write(out_dir / name, png.getvalue())
         written.append(out_dir / name)
     return written
 

@@ -19,9 +19,9 @@ optimizer state is saved, so a resumed run continues the uninterrupted run's los
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from aimass_common.files import staged_dir
 from trainer import checkpoint as ckpt
 from trainer import data, distributed
 from trainer.config import TrainConfig
@@ -66,43 +67,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> None:
+def prepare_run(cfg: TrainConfig, corpus_path: str | Path, run_dir: Path) -> TrainConfig:
     """Validates the corpus, trains or copies the tokenizer and tokenizes, in a staging folder
-    renamed to `run_dir` at the end. Raises DataError / CheckpointError; leaves nothing on failure."""
+    renamed to `run_dir` at the end. Returns the config the run trains with (saved in it, as
+    load_run_config reads it back): `cfg` completed with the trained vocabulary size, the base
+    checkpoint's absolute path and the cosine horizon. Raises DataError / CheckpointError;
+    leaves nothing on failure."""
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(
             f"{run_dir} already exists; pass --resume {run_dir} to continue it, or another --out"
         )
     corpus = scan_corpus(corpus_path)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = run_dir.with_name(f".{run_dir.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    if cfg.decay_steps is None:  # fixed at the first launch: a resume with more steps keeps it
+        cfg = dataclasses.replace(cfg, decay_steps=cfg.max_steps)
+    with staged_dir(run_dir) as staging:
         if cfg.base:
-            cfg.base = str(ckpt.resolve(cfg.base))  # absolute: a resume may start elsewhere
+            # absolute: a resume may start from another folder
+            cfg = dataclasses.replace(cfg, base=str(ckpt.resolve(cfg.base)))
             tokenizer = Tokenizer.load(cfg.base)
         else:
             tokenizer = train_bpe(iter_texts(corpus), cfg.vocab_size)
-            cfg.model.vocab_size = tokenizer.vocab_size
+            model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+            cfg = dataclasses.replace(cfg, model=model)
         (staging / "tokenizer").mkdir()
         tokenizer.save(staging / "tokenizer")
         data.build_dataset(
             corpus, tokenizer, staging / "data", cfg.block_size, cfg.val_fraction, cfg.seed
         )
-        if cfg.decay_steps is None:
-            cfg.decay_steps = cfg.max_steps
         config = cfg.to_dict() | {
             "corpus": str(Path(corpus_path).resolve()),
             "corpus_sha256": corpus.sha256,
         }
         (staging / "train_config.json").write_text(json.dumps(config, indent=2))
-        if run_dir.exists():
-            run_dir.rmdir()
-        os.replace(staging, run_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return cfg
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from aimass_common.cli import fail
+
 
 def register_keys_cli(subparsers, default_db: Callable[[], Path]) -> None:
     """Add `keys` to the `aimass` sub-parsers; `default_db` is called only when a command runs."""
@@ -44,11 +46,6 @@ def register_keys_cli(subparsers, default_db: Callable[[], Path]) -> None:
     p.set_defaults(func=functools.partial(_run, default_db=default_db))
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"aimass: error: {message}", file=sys.stderr)
-    return code
-
-
 def _run(args: argparse.Namespace, default_db: Callable[[], Path]) -> int:
     import sqlite3
 
@@ -63,11 +60,11 @@ def _run(args: argparse.Namespace, default_db: Callable[[], Path]) -> int:
         finally:
             store.close()
     except KeyInputError as e:
-        return _fail(str(e))
+        return fail(str(e))
     except BrokenPipeError:  # `... | head`: the reader left; not an error of the store
         raise
     except (sqlite3.Error, OSError) as e:
-        return _fail(f"{path}: {e}", 1)
+        return fail(f"{path}: {e}", 1)
 
 
 def _create(store, args) -> int:

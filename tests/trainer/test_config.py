@@ -1,6 +1,14 @@
+import dataclasses
+
 import pytest
 
-from trainer.config import PRESETS, build_train_config, parse_set_args
+from trainer.config import (
+    PRESETS,
+    TrainConfig,
+    build_train_config,
+    parse_set_args,
+    with_overrides,
+)
 from trainer.errors import ConfigError
 
 
@@ -69,3 +77,26 @@ def test_finetune_defaults_take_base_architecture():
     base = PRESETS["small"]
     cfg = build_train_config(None, None, {"max_steps": "5"}, base="/x", base_model=base)
     assert cfg.model == base and cfg.lr == 1e-4 and cfg.base == "/x"
+
+
+def test_configs_are_frozen_and_overrides_make_copies():
+    cfg = build_train_config("tiny", None, {"lr": "1e-3"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_steps = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.dim = 8
+    changed = with_overrides(cfg, {"max_steps": "3", "model.n_layers": "1"})
+    assert (changed.max_steps, changed.model.n_layers, changed.lr) == (3, 1, 1e-3)
+    assert (cfg.max_steps, cfg.model.n_layers) == (200, 2)
+    assert PRESETS["tiny"].n_layers == 2  # the preset a config came from is untouched
+
+
+@pytest.mark.parametrize("key", ["model", "lr.x", "model.dim.x", "nope.x"])
+def test_overrides_refuse_keys_that_name_no_field(key):
+    with pytest.raises(ConfigError, match=f"unknown setting '{key}'"):
+        with_overrides(build_train_config("tiny"), {key: "1"})
+
+
+def test_a_saved_config_reads_back_equal():
+    cfg = build_train_config("tiny", None, {"decay_steps": "50", "model.dim": "32"})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

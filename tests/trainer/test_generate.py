@@ -31,6 +31,15 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert a == b and a != c
 
 
+def test_sampling_without_a_seed_leaves_the_global_rng_alone(model):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = generate(model, [1, 2, 3], 20, temperature=1.0)
+    b = generate(model, [1, 2, 3], 20, temperature=1.0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert a != b  # each unseeded call draws its own seed
+
+
 def test_top_k_one_is_greedy(model):
     assert generate(model, [3, 4], 10, temperature=1.5, top_k=1, seed=1) == generate(
         model, [3, 4], 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,11 +24,9 @@ def test_trains_and_resumes_on_cuda(corpus_file, tmp_path):
     cfg = build_train_config("tiny", None, tiny_overrides(device="cuda", max_steps=20))
     train.prepare_run(cfg, corpus_file, run_dir)
     cfg = train.load_run_config(run_dir)
-    cfg.max_steps = 10
-    first = train.run(cfg, run_dir)
+    first = train.run(dataclasses.replace(cfg, max_steps=10), run_dir)
     assert first.step == 10
-    cfg.max_steps = 20
-    second = train.run(cfg, run_dir, resume=True)
+    second = train.run(dataclasses.replace(cfg, max_steps=20), run_dir, resume=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert second.step == 20 and [r["step"] for r in records] == list(range(1, 21))
     assert records[-1]["train_loss"] < records[0]["train_loss"]

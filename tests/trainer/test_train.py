@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,8 +41,8 @@ def test_lr_schedule():
     assert train.lr_at(9, cfg) == pytest.approx(1.0)
     assert train.lr_at(60, cfg) == pytest.approx(0.55)
     assert train.lr_at(110, cfg) == pytest.approx(0.1)
-    cfg.decay_steps = 110
-    cfg.max_steps = 500  # extending a run keeps the original horizon: no jump back up
+    cfg = dataclasses.replace(cfg, decay_steps=110, max_steps=500)
+    # extending a run keeps the original horizon: no jump back up
     assert train.lr_at(300, cfg) == pytest.approx(0.1)
 
 
@@ -110,8 +111,7 @@ def test_resume_with_more_steps_continues(corpus_file, tmp_path):
     run_dir = tmp_path / "run"
     cfg = start_run(corpus_file, run_dir, max_steps=10)
     train.run(cfg, run_dir)
-    cfg = train.load_run_config(run_dir)
-    cfg.max_steps = 20
+    cfg = dataclasses.replace(train.load_run_config(run_dir), max_steps=20)
     result = train.run(cfg, run_dir, resume=True)
     assert result.step == 20
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -173,7 +173,6 @@ def test_finetune_from_a_checkpoint(corpus_file, tmp_path):
     assert meta["lineage"]["base_model"] == str(resolve(base))
     # a resumed fine-tune needs only its own checkpoint, and keeps its lineage
     shutil.rmtree(base)
-    cfg = train.load_run_config(ft)
-    cfg.max_steps = 8
+    cfg = dataclasses.replace(train.load_run_config(ft), max_steps=8)
     assert train.run(cfg, ft, resume=True).step == 8
     assert json.loads((resolve(ft) / "meta.json").read_text())["lineage"] == meta["lineage"]

@@ -1,4 +1,4 @@
-"""What every importer shares: the output-folder rule, the file hash, and the final write.
+"""What every importer shares: the output-folder rule and the final write.
 
 An importer reads its source into plain data (a ModelConfig, a state dict under our names, a
 Tokenizer) and checks it completely before `write_imported` writes anything, so a refused or
@@ -7,7 +7,6 @@ broken source never leaves a folder behind; the write itself is atomic (`write_c
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -32,14 +31,6 @@ def check_out_dir(out_dir: str | Path) -> Path:
             f"output folder {out_dir} already exists and is not empty; choose a new one"
         )
     return out_dir
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validated(cfg: ModelConfig, source: Path) -> ModelConfig:

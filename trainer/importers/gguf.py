@@ -25,15 +25,10 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Tokenizer
 
+from aimass_common.files import sha256_file
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError
-from trainer.importers.common import (
-    END_OF_TURN_TOKENS,
-    check_out_dir,
-    sha256_file,
-    validated,
-    write_imported,
-)
+from trainer.importers.common import END_OF_TURN_TOKENS, check_out_dir, validated, write_imported
 from trainer.tokenizer import Tokenizer, bytes_to_unicode
 
 _GLOBAL_TENSORS = {

@@ -16,15 +16,10 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as _Tokenizer
 
+from aimass_common.files import sha256_file
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError
-from trainer.importers.common import (
-    END_OF_TURN_TOKENS,
-    check_out_dir,
-    sha256_file,
-    validated,
-    write_imported,
-)
+from trainer.importers.common import END_OF_TURN_TOKENS, check_out_dir, validated, write_imported
 from trainer.tokenizer import Tokenizer
 
 # Buffers that some transformers versions saved with the weights; recomputed from the config.
