@@ -33,8 +33,9 @@ PREFILL, DECODE = 0, 1  # the plan's optimization profiles, in the order the bui
 def load_tensorrt():
     """The `tensorrt` module, or ProviderUnavailable saying what is missing."""
     try:
+        # tensorrt and torch (CUDA build): optional, installed only on GPU nodes
         import tensorrt as trt
-        import torch
+        import torch  # torch: it allocates the device memory TensorRT binds
     except ImportError as e:
         raise ProviderUnavailable(f"TensorRT targets need {e.name or e}: {INSTALL_HINT}") from None
     if not torch.cuda.is_available():
@@ -60,7 +61,7 @@ def check_plan(plan_trt: str | None, plan_arch: str | None, trt: str, arch: str)
 
 
 def device_arch() -> str:
-    import torch
+    import torch  # torch: optional, deferred to GPU nodes (see load_tensorrt)
 
     major, minor = torch.cuda.get_device_capability()
     return f"sm{major}{minor}"
@@ -69,7 +70,7 @@ def device_arch() -> str:
 class TrtRunner(StepRunner):
     def __init__(self, path: str | Path, n_slots: int, max_len: int, *, in_place: bool = True):
         trt = load_tensorrt()
-        import torch
+        import torch  # torch: optional, deferred to GPU nodes (load_tensorrt checked it)
 
         self._torch = torch
         torch.cuda.current_device()  # CUDA is initialised before TensorRT uses its context

@@ -221,6 +221,7 @@ def quantize(
     """
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    # onnxruntime.quantization: heavy (it imports sympy and more), needed by quantized targets only
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # the module calls logging.basicConfig(level=INFO) on import and logs every node at INFO

@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.graph import ORT, PORTABLE, graph_version
+from exporters import onnx_ort
 from exporters.errors import ExportError
 from exporters.parity import Decoder
+from exporters.portable import build_portable_graph
+from exporters.runner import OrtDecoder
+from exporters.tensorrt import TrtDecoder, build_engine
 from registry.manifest import Artifact, Quantization, file_entry
 
 QUANT_BLOCK_SIZE = 32  # weights per scale: finer blocks keep int4 within the perplexity limit
@@ -68,8 +74,6 @@ def check_runtimes(specs: dict[str, TargetSpec]) -> None:
                 f"{target} needs the TensorRT Python package `tensorrt` (pip install tensorrt) "
                 "and an NVIDIA GPU; it is not installed"
             )
-        import torch
-
         if not torch.cuda.is_available():
             raise ExportError(f"{target} needs an NVIDIA GPU (CUDA); torch sees none here")
 
@@ -89,14 +93,10 @@ class Build:
         key = (flavour, dtype)
         if key not in self.graphs:
             if flavour == ORT:
-                from exporters.onnx_ort import build_ort_graph
-
                 if dtype != "float32":
                     raise ExportError(f"the ONNX Runtime flavour is float32 only, not {dtype}")
-                self.graphs[key] = build_ort_graph(self.model, self.max_len)
+                self.graphs[key] = onnx_ort.build_ort_graph(self.model, self.max_len)
             else:
-                from exporters.portable import build_portable_graph
-
                 self.graphs[key] = build_portable_graph(self.model, self.max_len, dtype=dtype)
         return self.graphs[key]
 
@@ -118,8 +118,6 @@ def build_artifact(build: Build, target: str, spec: TargetSpec) -> Artifact:
 
 
 def _build_onnx(build: Build, spec: TargetSpec, folder: Path) -> dict:
-    from exporters import onnx_ort
-
     # quantize and save leave their input intact, so the cached fp32 graph serves every target
     proto = build.graph(spec.flavour)
     quantization = None
@@ -137,13 +135,11 @@ def _build_onnx(build: Build, spec: TargetSpec, folder: Path) -> dict:
 
 
 def _build_trt(build: Build, spec: TargetSpec, folder: Path) -> dict:
-    from exporters import onnx_ort, tensorrt
-
     scratch = build.root / f".{folder.name}.onnx"  # the portable graph TensorRT parses
     scratch.mkdir()
     proto = build.graph(PORTABLE, spec.dtype)  # TensorRT takes precision from the graph
     onnx_ort.save(proto, scratch / "model.onnx")
-    info = tensorrt.build_engine(
+    info = build_engine(
         scratch / "model.onnx",
         folder / "model.plan",
         max_batch=TRT_MAX_BATCH,
@@ -170,14 +166,10 @@ BUILDERS: dict[str, Callable[[Build, TargetSpec, Path], dict]] = {
 
 
 def ort_decoder(path: Path, max_len: int, threads: int | None) -> Decoder:
-    from exporters.runner import OrtDecoder
-
     return OrtDecoder(path, max_batch=1, max_len=max_len, threads=threads)
 
 
 def _trt_decoder(path: Path, max_len: int, threads: int | None) -> Decoder:
-    from exporters.tensorrt import TrtDecoder
-
     return TrtDecoder(path, max_batch=1, max_len=max_len)
 
 

@@ -36,7 +36,7 @@ class TensorRTUnavailable(ExportError, RuntimeError):
 
 def _tensorrt():
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # tensorrt: optional, present only where plans are built
     except ImportError as e:
         raise TensorRTUnavailable(
             f"the TensorRT Python package `tensorrt` is not installed; {INSTALL_HINT}"
