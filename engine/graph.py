@@ -74,7 +74,6 @@ DTYPE_KEY = "aimass.dtype"
 # graph flavours (a manifest artifact's `flavour`; "tensorrt" there is a plan built from PORTABLE)
 ORT = "ort"
 PORTABLE = "portable"
-FLAVOURS = (ORT, PORTABLE)
 
 CACHE = "cache"  # a TensorSpec dtype meaning "the graph's dtype" (float32 or float16)
 
@@ -83,7 +82,7 @@ CACHE = "cache"  # a TensorSpec dtype meaning "the graph's dtype" (float32 or fl
 class TensorSpec:
     name: str
     dtype: str  # a numpy dtype name, or CACHE
-    dims: tuple[str | int, ...]  # symbolic names above; ints are filled in by cache_spec
+    dims: tuple[str | int, ...]  # the symbolic names above, or fixed sizes (K, hd, V)
 
 
 # the step's small inputs, in graph order (the cache inputs follow, layer by layer)
