@@ -90,6 +90,10 @@ def _retry_after(exc: Any) -> dict[str, str]:
     return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+def _http_headers(exc: HTTPException) -> dict[str, str]:
+    return dict(exc.headers or {})
+
+
 def _litestar_problem(exc: ValidationException) -> tuple[str | None, str]:
     """(param, message) of litestar's own validation error: its `extra` holds a list of
     {"key", "message"}; the key is the path of the value at fault ("data" for the body itself),
@@ -108,7 +112,6 @@ def _litestar_problem(exc: ValidationException) -> tuple[str | None, str]:
 
 
 INVALID, SERVER = "invalid_request_error", "server_error"
-_HTTP_HEADERS: Rule = lambda exc: dict(exc.headers or {})  # noqa: E731
 _DETAIL: Rule = attrgetter("detail")
 _TEMPLATE_REFUSED = ErrorRow(400, INVALID, "chat_template", "messages")
 _BAD_KEY = ErrorRow(401, INVALID, "invalid_api_key")
@@ -140,11 +143,11 @@ ERRORS: dict[type[BaseException], ErrorRow] = {
     ModelNotFound: ErrorRow(404, INVALID, "model_not_found", "model"),
     NotFoundException: ErrorRow(404, INVALID, "not_found", message=_DETAIL),
     MethodNotAllowedException: ErrorRow(
-        405, INVALID, "method_not_allowed", message=_DETAIL, headers=_HTTP_HEADERS
+        405, INVALID, "method_not_allowed", message=_DETAIL, headers=_http_headers
     ),
     RequestEntityTooLarge: ErrorRow(413, INVALID, "body_too_large", message=_DETAIL),
     HTTPException: ErrorRow(
-        attrgetter("status_code"), INVALID, None, message=_DETAIL, headers=_HTTP_HEADERS
+        attrgetter("status_code"), INVALID, None, message=_DETAIL, headers=_http_headers
     ),
     # 429, 499: the same request may succeed later
     RateLimited: ErrorRow(
