@@ -22,6 +22,7 @@ that has a row, so a subclass answers as its base unless it has a row of its own
     RateLimited                             429     rate_limit_error       rate_limit_exceeded       -  (+Retry-After, x-ratelimit-*)
     ClientDisconnected (hung up, no answer) 499     invalid_request_error  client_disconnected       -
     ChatTemplateError (the template broke)  500     server_error           chat_template             -  (logged)
+    OutputFailed (one request's output)    500     server_error           output_failed             -  (logged)
     Overloaded (engine queue full)          503     server_error           overloaded                -  (+Retry-After)
     ModelLoading (load outlasted the wait)  503     server_error           model_loading             -  (+Retry-After)
     ModelUnavailable                        503     server_error           engine_unavailable        -  (+Retry-After when it has one)
@@ -60,7 +61,12 @@ from gateway.auth.errors import InvalidKey, MissingKey, PermissionDenied
 from gateway.limits.errors import LimiterUnavailable, RateLimited, TooLargeForLimit
 from gateway.models.errors import ModelLoading, ModelNotFound, ModelUnavailable
 from gateway.openai.chat_template import ChatTemplateError, NoChatTemplate, TemplateRaised
-from gateway.openai.errors import ClientDisconnected, InvalidParameter, param_from_validation_error
+from gateway.openai.errors import (
+    ClientDisconnected,
+    InvalidParameter,
+    OutputFailed,
+    param_from_validation_error,
+)
 from gateway.openai.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -159,6 +165,8 @@ ERRORS: dict[type[BaseException], ErrorRow] = {
     ClientDisconnected: ErrorRow(499, INVALID, "client_disconnected"),
     # 500, 503: our side
     ChatTemplateError: ErrorRow(500, SERVER, "chat_template", log=True),
+    # the engine's message may name its internals: the log gets it, the client the request id
+    OutputFailed: ErrorRow(500, SERVER, "output_failed", message=attrgetter("public"), log=True),
     Overloaded: ErrorRow(503, SERVER, "overloaded", headers=_retry_after),
     ModelLoading: ErrorRow(503, SERVER, "model_loading", headers=_retry_after),
     ModelUnavailable: ErrorRow(503, SERVER, "engine_unavailable", headers=_retry_after),

@@ -26,6 +26,19 @@ class ClientDisconnected(Exception):
         super().__init__("the client closed the connection before the answer was ready")
 
 
+class OutputFailed(RuntimeError):
+    """The engine could not produce this request's output (its output handling raised): the
+    request ended alone, with an "error" event, and the engine serves on. A fault on our side:
+    the client gets a 500 (or an error event mid-stream) naming the request, and the log gets
+    the engine's message, which may name its internals."""
+
+    def __init__(self, model: str, request_id: str, error: str | None):
+        super().__init__(f"{model} failed to produce the output of request {request_id}: {error}")
+        self.public = (
+            f"the model failed to produce the output of request {request_id}; see the gateway's log"
+        )
+
+
 _FIELD_ERROR = re.compile(r"(?:unknown|missing required) field `([^`]+)`(?: - at `\$\.?([^`]*)`)?")
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
 

@@ -25,7 +25,8 @@ from engine.errors import EngineDead
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 from gateway.auth.schemas import KeyRecord
-from gateway.errors import RateLimited, TooLargeForLimit, classify
+from gateway.errors import classify
+from gateway.limits.errors import RateLimited, TooLargeForLimit
 from gateway.limits.schemas import LimitDecision, headers, refusal_message
 from gateway.limits.service import RateLimiter
 from gateway.metrics import GatewayMetrics
@@ -33,8 +34,8 @@ from gateway.models.deployments import Deployment, Lease
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.chat_template import ChatTemplate, NoChatTemplate
+from gateway.openai.errors import InvalidParameter, OutputFailed
 from gateway.openai.validation import (
-    InvalidParameter,
     check_request,
     include_usage,
     prompt_inputs,
@@ -58,12 +59,6 @@ class Limits:
     # default rate limits for keys that set none (None = unlimited)
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-
-
-class OutputFailed(RuntimeError):
-    """The engine could not produce this request's output (its output handling raised): the
-    request ended alone, with an "error" event, and the engine serves on. A fault on our side:
-    the client gets a 500 (or an error event mid-stream) and the log gets the engine's message."""
 
 
 @dataclass
@@ -324,10 +319,7 @@ class GenerationService:
 
     def _failed(self, g: Generation, out: RequestOutput) -> OutputFailed:
         self.metrics.engine_errors_total.labels(g.request.model, "output").inc()
-        return OutputFailed(
-            f"{g.deployment.ref} failed to produce the output of request {out.request_id}: "
-            f"{out.error}"
-        )
+        return OutputFailed(str(g.deployment.ref), out.request_id, out.error)
 
     def _observe(self, g: Generation, out: RequestOutput) -> None:
         if out.timings is not None and out.finish_reason != "abort":

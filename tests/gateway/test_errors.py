@@ -35,7 +35,7 @@ from gateway.openai.chat_template import (
     TemplateRaised,
     TemplateUnsafe,
 )
-from gateway.openai.errors import ClientDisconnected, InvalidParameter
+from gateway.openai.errors import ClientDisconnected, InvalidParameter, OutputFailed
 from gateway.openai.schemas import ErrorResponse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,7 @@ ROWS = [
     (ClientDisconnected(), 499, INVALID, "client_disconnected", None, {}),
     (ChatTemplateError("undefined x"), 500, SERVER, "chat_template", None, {}),
     (TemplateUnsafe("__class__"), 500, SERVER, "chat_template", None, {}),
+    (OutputFailed("tiny:1", "chatcmpl-1", "boom"), 500, SERVER, "output_failed", None, {}),
     (Overloaded(5, 4, 0.2), 503, SERVER, "overloaded", None, {"Retry-After": "1"}),
     (ModelLoading("tiny:1", 7.0), 503, SERVER, "model_loading", None, {"Retry-After": "4"}),
     (ModelUnavailable("full", 5.0), 503, SERVER, "engine_unavailable", None, {"Retry-After": "5"}),
@@ -125,6 +126,14 @@ def test_messages_are_the_errors_own_words():
     assert classify(ContextOverflow(60, 10, 64))[1]["error"]["message"] == str(
         ContextOverflow(60, 10, 64)
     )
+
+
+def test_an_output_failure_names_the_request_and_keeps_the_engine_message_in_the_log(caplog):
+    exc = OutputFailed("tiny:1", "chatcmpl-1", "KeyError in /srv/engine/detokenizer.py")
+    with caplog.at_level(logging.ERROR, logger="gateway.errors"):
+        message = classify(exc)[1]["error"]["message"]
+    assert "chatcmpl-1" in message and "/srv" not in message
+    assert "/srv/engine/detokenizer.py" in caplog.text
 
 
 def test_a_subclass_answers_as_its_base_unless_it_has_a_row():

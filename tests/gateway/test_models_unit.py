@@ -422,12 +422,12 @@ def test_a_request_the_engine_fails_alone_is_a_500_and_the_next_one_is_served(tm
             engine = loader.engines["tiny:1"]
             engine.fail_next("the detokenizer raised")
             r = await client.post("/v1/completions", json=body)
-            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            assert r.status_code == 500 and r.json()["error"]["code"] == "output_failed"
             engine.fail_next("the detokenizer raised")
             r = await client.post("/v1/completions", json=body | {"stream": True})
             events = sse_payloads(r.text)
             assert r.status_code == 200 and events[-1] == "[DONE]"
-            assert json.loads(events[-2])["error"]["code"] == "internal_error"
+            assert json.loads(events[-2])["error"]["code"] == "output_failed"
             # the engine serves on: same engine, no reload
             r = await client.post("/v1/completions", json=body)
             assert r.json()["choices"][0]["text"] == "hel"
