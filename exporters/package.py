@@ -43,6 +43,8 @@ from registry.manifest import (
     file_entry,
     load,
 )
+from trainer.checkpoint import code_revision, load_model, resolve
+from trainer.errors import TrainerError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -182,9 +184,6 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _load_checkpoint(path: str | Path):
-    from trainer.checkpoint import load_model, resolve
-    from trainer.errors import TrainerError
-
     try:
         folder = resolve(path)
         model, tokenizer, meta = load_model(folder)
@@ -259,8 +258,6 @@ def _model_spec(cfg) -> ModelSpec:
 
 
 def _lineage(folder: Path, meta: dict) -> Lineage:
-    from trainer.checkpoint import code_revision
-
     lineage = meta.get("lineage") or {}
     return Lineage(
         base_model=lineage.get("base_model"),

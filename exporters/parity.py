@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 from registry.manifest import ParityReport, PromptParity
+from trainer.checkpoint import read_meta
+from trainer.data import TokenDataset, tokenizer_fingerprint
+from trainer.errors import DataError
 from trainer.generate import generate
 from trainer.model import Transformer
 from trainer.tokenizer import Tokenizer
@@ -268,10 +271,6 @@ def _failure(r: ParityReport) -> str:
 
 
 def _run_validation_blocks(folder: Path, tokenizer: Tokenizer, length: int) -> HeldOut | None:
-    from trainer.checkpoint import read_meta
-    from trainer.data import TokenDataset, tokenizer_fingerprint
-    from trainer.errors import DataError
-
     folder = folder.resolve()
     candidates = [folder.parent.parent if folder.parent.name == "checkpoints" else None]
     candidates.append(folder.parent if folder.name == "best" else None)
