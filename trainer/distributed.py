@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -44,8 +46,6 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
     if setting == "cuda":
         setting = f"cuda:{local_rank}"
     if setting.startswith("cuda") and not torch.cuda.is_available():
-        from trainer.errors import ConfigError
-
         raise ConfigError(f"device={setting!r} but no CUDA device is available")
     return torch.device(setting)
 

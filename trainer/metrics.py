@@ -45,10 +45,10 @@ def draw_charts(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """loss.png (train and validation), lr.png and throughput.png from the metric records."""
     if not records:
         return []
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import, and only charts need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: after choosing the backend
 
     def series(key):
         pts = [

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from aimass_common.cli import fail
+from gateway.auth.errors import KeyInputError
+from gateway.auth.service import KeyStore
 
 
 def register_keys_cli(subparsers, default_db: Callable[[], Path]) -> None:
@@ -47,11 +52,6 @@ def register_keys_cli(subparsers, default_db: Callable[[], Path]) -> None:
 
 
 def _run(args: argparse.Namespace, default_db: Callable[[], Path]) -> int:
-    import sqlite3
-
-    from gateway.auth.errors import KeyInputError
-    from gateway.auth.service import KeyStore
-
     path = Path(args.db) if args.db else Path(default_db())
     try:
         store = KeyStore(path, cache_ttl_s=0)
@@ -82,8 +82,6 @@ def _create(store, args) -> int:
 
 
 def _list(store, args) -> int:
-    import msgspec
-
     records = store.list(args.project)
     if args.json:
         print(msgspec.json.encode([r.public() for r in records]).decode())
