@@ -599,7 +599,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     ctx = mp.get_context("spawn")
 
-    from trainer.cli import aimass_home, resolve_model
+    from aimass_common.settings import aimass_home
+    from trainer.cli import resolve_model
 
     work = args.work or aimass_home() / "bench"
     checkpoint = resolve_model(args.checkpoint)

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     spec = importlib.util.spec_from_file_location("engine_bench", HERE / "engine.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)  # also puts the project root first on sys.path
-    from trainer.cli import aimass_home, resolve_model
+    from aimass_common.settings import aimass_home
+    from trainer.cli import resolve_model
 
     wave_args = bench.parse_args(["--precisions", args.precision])
     package = bench.build_package(

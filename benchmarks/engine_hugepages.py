@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     bench = _bench()
-    from trainer.cli import aimass_home, resolve_model
+    from aimass_common.settings import aimass_home
+    from trainer.cli import resolve_model
 
     checkpoint = resolve_model(bench.parse_args([]).checkpoint)
     package = bench.build_package(checkpoint, aimass_home() / "bench", args.precision, 512)

@@ -293,10 +293,11 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     from tokenizers import Tokenizer
 
+    from aimass_common.settings import aimass_home
     from gateway.auth.service import KeyStore
     from registry.cache import pull
     from registry.registry import Registry
-    from trainer.cli import aimass_home, resolve_model
+    from trainer.cli import resolve_model
 
     spec = importlib.util.spec_from_file_location("bench_engine", HERE / "engine.py")
     bench_engine = importlib.util.module_from_spec(spec)

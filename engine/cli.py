@@ -54,6 +54,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
+    # deferred: engine.loader loads onnxruntime, which `aimass --help` must not wait for
     from engine.loader import EngineConfig
 
     return EngineConfig(
@@ -70,6 +71,7 @@ def engine_config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # deferred: the loader and server load onnxruntime, which `aimass --help` must not wait for
     from engine.loader import LoadError, load_engine
     from engine.server import EngineServer
 

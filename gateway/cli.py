@@ -14,7 +14,8 @@ from pathlib import Path
 
 from aimass_common.cli import fail
 from aimass_common.settings import aimass_home, default_registry
-from engine.cli import add_engine_arguments
+from engine.cli import add_engine_arguments, engine_config
+from gateway.auth.cli import register_keys_cli
 
 
 def default_keys_db() -> Path:
@@ -22,8 +23,6 @@ def default_keys_db() -> Path:
 
 
 def register(subparsers) -> None:
-    from gateway.auth.cli import register_keys_cli
-
     p = subparsers.add_parser("serve", help="run the gateway (OpenAI-compatible API)")
     p.add_argument(
         "--registry",
@@ -61,7 +60,8 @@ def register(subparsers) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from engine.cli import engine_config
+    # deferred: the app and its services load litestar and, through the engine's loader,
+    # onnxruntime (~0.5 s), which every other `aimass` command would otherwise wait for
     from gateway.app import GatewayConfig
     from gateway.models.service import ModelsConfig
     from gateway.openai.service import Limits
@@ -106,7 +106,7 @@ def build_config(args: argparse.Namespace):
 
 
 def configure_logging() -> None:
-    from gateway.app import JsonFormatter
+    from gateway.app import JsonFormatter  # deferred: see build_config (onnxruntime)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -116,6 +116,7 @@ def configure_logging() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # deferred: uvicorn, and the app (onnxruntime, see build_config), load only to serve
     import uvicorn
 
     from gateway.app import create_app
