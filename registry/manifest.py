@@ -135,13 +135,23 @@ class ParityReport(msgspec.Struct, kw_only=True):
     max_abs_logit_diff: float  # over every prefill and decode step of the prompts
     held_out: str  # where the perplexity text came from
     held_out_tokens: int  # tokens scored
-    ppl_eager: float
-    ppl_target: float
+    ppl_eager: float  # the reference's: eager PyTorch on the checkpoint
+    ppl_target: float  # the artifact's, on the same tokens
     ppl_increase: float  # ppl_target / ppl_eager - 1
     max_ppl_increase: float  # the limit the increase was held to
     passed: bool
     reason: str  # why it failed, or "" when it passed
     forced: bool = False  # exported although it failed (--force)
+    # Teacher-forced on the held-out text, at every scored position (llama.cpp's
+    # `llama-perplexity --kl-divergence` figures); None in reports written before they were
+    # measured. KL(reference ‖ target) in nats over the full vocabulary, per position:
+    kl_mean: float | None = None
+    kl_median: float | None = None
+    kl_p99: float | None = None  # 99th percentile
+    kl_max: float | None = None
+    top1_agreement: float | None = None  # fraction of positions where both argmaxes agree
+    positions: int = 0  # positions scored (0: not measured)
+    min_top1_agreement: float | None = None  # the limit top1_agreement was held to
 
 
 class Reports(msgspec.Struct, kw_only=True):
