@@ -3,6 +3,10 @@
     CHECKPOINT/
       model.safetensors      weights, HF LLaMA names without the "model." prefix; a tied
                              lm_head is stored once (as embed_tokens.weight)
+      quantized.safetensors  imports of quantized files only: the weights' own quantized blocks
+                             (see BlockWeight), of which model.safetensors holds the exact fp32
+                             values; an exporter builds a quantized target from them instead of
+                             quantizing the fp32 weights a second time
       config.json            {"format": "aimass-checkpoint", "format_version", "model": ModelConfig}
       tokenizer.json         tokenizers' format
       tokenizer_config.json  special-token roles and the chat template
@@ -24,7 +28,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from aimass_common.files import fsync_dir, staged_dir
@@ -36,6 +43,56 @@ from trainer.tokenizer import Tokenizer
 FORMAT = "aimass-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+QUANTIZED = "quantized.safetensors"
+BLOCKS_FORMAT = "aimass-blocks"
+BLOCK = 32  # weights per block along the input dimension, in every kind below
+BLOCK_KINDS = ("q4_0", "q4_1", "q8_0")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockWeight:
+    """One (out, in) weight as blocks of 32 consecutive inputs of a row, each with its scale:
+    GGUF's Q4_0, Q4_1 and Q8_0, their bytes kept as the file has them.
+
+        kind   qs                                            value of element j of a block
+        q4_0   uint8 (out, in/32, 16): byte i = element i    d * (q_j - 8)
+               in the low nibble, element i+16 in the high
+        q4_1   the same                                      d * q_j + m
+        q8_0   int8 (out, in/32, 32)                         d * q_j
+
+    d and m are float16 (out, in/32), as in the file; `dequantize` computes in float32 exactly
+    as llama.cpp and gguf.quants do, so it is bit-identical to the imported fp32 weights.
+    """
+
+    kind: str  # one of BLOCK_KINDS
+    qs: np.ndarray
+    d: np.ndarray
+    m: np.ndarray | None = None  # q4_1 only
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.kind == "q8_0" else 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * BLOCK
+
+    def codes(self) -> np.ndarray:
+        """The codes one per element, uint8 (out, in/32, 32): 0..15 for 4-bit, q + 128 for q8_0."""
+        if self.bits == 8:
+            return (self.qs.astype(np.int16) + 128).astype(np.uint8)
+        return np.concatenate([self.qs & 0x0F, self.qs >> 4], axis=-1)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 (out, in)."""
+        d = self.d.astype(np.float32)[..., None]
+        if self.kind == "q8_0":
+            w = self.qs.astype(np.float32) * d
+        elif self.kind == "q4_0":
+            w = d * (self.codes().astype(np.int8) - np.int8(8)).astype(np.float32)
+        else:
+            w = d * self.codes().astype(np.float32) + self.m.astype(np.float32)[..., None]
+        return w.reshape(self.shape)
 
 
 def resolve(path: str | Path) -> Path:
@@ -88,6 +145,46 @@ def load_model(
     model = Transformer(cfg)
     load_weights(model, folder / "model.safetensors")
     return model.to(device).eval(), Tokenizer.load(folder), read_meta(folder)
+
+
+def load_blocks(path: str | Path) -> dict[str, BlockWeight]:
+    """The quantized blocks a checkpoint carries, by weight name (empty: it carries none)."""
+    file = resolve(path) / QUANTIZED
+    if not file.is_file():
+        return {}
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file} cannot be read as safetensors: {e}") from None
+    if meta.get("format") != BLOCKS_FORMAT:
+        raise CheckpointError(
+            f"{file} is not an {BLOCKS_FORMAT} file (format={meta.get('format')!r})"
+        )
+    blocks = {}
+    for name, kind in meta.items():
+        if name == "format":
+            continue
+        if kind not in BLOCK_KINDS:
+            raise CheckpointError(f"{file}: {name} has block kind {kind!r}; known: {BLOCK_KINDS}")
+        try:
+            blocks[name] = BlockWeight(
+                kind, tensors[f"{name}.qs"], tensors[f"{name}.d"], tensors.get(f"{name}.m")
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{file}: {name} lacks its tensor {e}") from None
+    return blocks
+
+
+def _save_blocks(blocks: dict[str, BlockWeight], path: Path) -> None:
+    tensors = {}
+    for name, b in blocks.items():
+        tensors[f"{name}.qs"], tensors[f"{name}.d"] = b.qs, b.d
+        if b.m is not None:
+            tensors[f"{name}.m"] = b.m
+    meta = {"format": BLOCKS_FORMAT, **{name: b.kind for name, b in blocks.items()}}
+    save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=meta)
 
 
 def load_weights(model: Transformer, path: Path) -> None:
@@ -148,8 +245,10 @@ def write_checkpoint(
     tokenizer: Tokenizer,
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
+    blocks: dict[str, BlockWeight] | None = None,
 ) -> Path:
-    """Writes a complete checkpoint at `folder`, replacing any there, atomically (staged_dir)."""
+    """Writes a complete checkpoint at `folder`, replacing any there, atomically (staged_dir).
+    `blocks`: the quantized form the weights were imported from (their exact source)."""
     folder = Path(folder)
     with staged_dir(folder, replace=True) as tmp:
         save_file(weights_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -163,6 +262,8 @@ def write_checkpoint(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
+        if blocks:
+            _save_blocks(blocks, tmp / QUANTIZED)
     return folder
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import load_state, write_checkpoint
+from trainer.checkpoint import BlockWeight, load_state, write_checkpoint
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError, ConfigError
 from trainer.model import Transformer
@@ -47,9 +47,12 @@ def write_imported(
     tokenizer: Tokenizer,
     lineage: dict,
     source: Path,
+    blocks: dict[str, BlockWeight] | None = None,
 ) -> Path:
     """Loads `state` (our parameter names) into a fresh model, checking every name and shape,
-    then writes the checkpoint. A tied model's state carries no lm_head.weight."""
+    then writes the checkpoint. A tied model's state carries no lm_head.weight. `blocks`: the
+    quantized form of some weights, as the source stores them (each the exact source of its
+    fp32 weight in `state`)."""
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(
             f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -58,4 +61,10 @@ def write_imported(
     model = Transformer(cfg)
     load_state(model, {k: v.float() for k, v in state.items()}, source)
     meta = {"step": 0, "lineage": lineage}
-    return write_checkpoint(out_dir, model, tokenizer, meta)
+    for name, b in (blocks or {}).items():
+        if name not in state or tuple(state[name].shape) != b.shape:
+            raise CheckpointError(
+                f"{source}: the blocks of {name} hold shape {b.shape}, the weight "
+                f"{tuple(state[name].shape) if name in state else 'is missing'}"
+            )
+    return write_checkpoint(out_dir, model, tokenizer, meta, blocks=blocks)

@@ -2,7 +2,11 @@
 
 Every tensor is dequantized to fp32 (Q4_1, Q8_0, F16, ... through `gguf.quants`), renamed to
 our HF-style names, and the query/key rows are put back in Hugging Face order (see
-`_unpermute`). The tokenizer is rebuilt from the vocabulary and merges in the metadata, with the
+`_unpermute`). A weight in Q4_0, Q4_1 or Q8_0 is also kept as its blocks (the checkpoint's
+quantized.safetensors, trainer.checkpoint.BlockWeight), rows in the same order: a block runs
+along a row, so moving whole rows keeps every block intact. Exporters build a quantized target
+from those blocks rather than quantizing the fp32 weights again. Other types (K-quants, Q5_*,
+F16, ...) are kept as fp32 only. The tokenizer is rebuilt from the vocabulary and merges in the metadata, with the
 pre-tokenizer that llama.cpp uses for the file's `tokenizer.ggml.pre`.
 
     blk.N.attn_q.weight       → layers.N.self_attn.q_proj.weight   (rows un-permuted)
@@ -20,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Tokenizer
 
 from aimass_common.files import sha256_file
+from trainer.checkpoint import BLOCK, BlockWeight
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError
 from trainer.importers.common import END_OF_TURN_TOKENS, check_out_dir, validated, write_imported
@@ -49,6 +54,14 @@ _LAYER_TENSORS = {
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
+# the GGUF types kept as blocks → our kind, and the byte layout of one block of 32 weights
+# (ggml-common.h): fp16 d, then fp16 m for Q4_1, then the codes
+_BLOCK_KINDS = {
+    GGMLQuantizationType.Q4_0: ("q4_0", 18),
+    GGMLQuantizationType.Q4_1: ("q4_1", 20),
+    GGMLQuantizationType.Q8_0: ("q8_0", 34),
+}
+
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -70,12 +83,17 @@ def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
     names = {name: _our_name(name, path) for name in tensors}
     tokenizer = _tokenizer(fields, path)
     state = {names[name]: _tensor(t, cfg, path) for name, t in tensors.items()}
+    blocks = {
+        names[name]: _blocks(t, cfg)
+        for name, t in tensors.items()
+        if t.tensor_type in _BLOCK_KINDS and len(t.shape) == 2
+    }
     lineage = {
         "base_model": fields.get("general.name") or path.stem,
         "source": "gguf",
         "source_sha256": sha256_file(path),
     }
-    return write_imported(out_dir, cfg, state, tokenizer, lineage, path)
+    return write_imported(out_dir, cfg, state, tokenizer, lineage, path, blocks)
 
 
 def _open(path: Path) -> GGUFReader:
@@ -174,11 +192,37 @@ def _tensor(t, cfg: ModelConfig, path: Path) -> torch.Tensor:
         ) from None
     # a copy: the reader's arrays are read-only views of the memory-mapped file
     w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])  # (rows, cols)
-    if ".attn_q." in t.name:
-        w = _unpermute(w, cfg.n_heads)
-    elif ".attn_k." in t.name:
-        w = _unpermute(w, cfg.n_kv_heads)
-    return torch.from_numpy(np.ascontiguousarray(w))
+    return torch.from_numpy(np.ascontiguousarray(_our_row_order(w, t.name, cfg)))
+
+
+def _blocks(t, cfg: ModelConfig) -> BlockWeight:
+    """A Q4_0/Q4_1/Q8_0 weight's blocks, split into their fields, rows in our order."""
+    kind, size = _BLOCK_KINDS[t.tensor_type]
+    rows, cols = int(t.shape[1]), int(t.shape[0])
+    raw = np.asarray(t.data).reshape(rows, cols // BLOCK, size)  # (rows, blocks, bytes)
+
+    def half(start: int) -> np.ndarray:
+        # (rows, blocks): the fp16 at byte `start` of each block, its bits unchanged
+        return np.ascontiguousarray(raw[..., start : start + 2]).view(np.float16)[..., 0]
+
+    if kind == "q4_1":
+        d, m, qs = half(0), half(2), raw[..., 4:]
+    else:
+        d, m, qs = half(0), None, raw[..., 2:]
+    if kind == "q8_0":
+        qs = qs.view(np.int8)
+    fields = [
+        _our_row_order(np.array(a), t.name, cfg) if a is not None else None for a in (qs, d, m)
+    ]
+    return BlockWeight(kind, *fields)
+
+
+def _our_row_order(w: np.ndarray, gguf_name: str, cfg: ModelConfig) -> np.ndarray:
+    if ".attn_q." in gguf_name:
+        return _unpermute(w, cfg.n_heads)
+    if ".attn_k." in gguf_name:
+        return _unpermute(w, cfg.n_kv_heads)
+    return w
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
