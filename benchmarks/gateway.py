@@ -37,8 +37,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+from benchmarks._common import Gateway, free_port, serve_home, wait_http  # noqa: E402
 
 MODEL = "smollm2"
 
@@ -80,54 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ── servers ──
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
-
-
-class Gateway:
-    """`aimass serve` in a subprocess over a registry holding the package as `smollm2`."""
-
-    def __init__(self, home: Path, args, idle_unload: float = 600.0):
-        self.home, self.port = home, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = os.environ | {"AIMASS_HOME": str(home), "OMP_NUM_THREADS": str(args.threads)}
-        cmd = [
-            sys.executable, "-m", "aimass_cli", "serve", "--port", str(self.port),
-            "--threads", str(args.threads), "--slots", str(args.slots),
-            "--max-waiting", "1024", "--rpm", "100000", "--tpm", "100000000",
-            "--idle-unload", str(idle_unload),
-            "--spin-wait" if args.spin_wait else "--no-spin-wait",
-        ]  # fmt: skip
-        with open(home / "gateway.log", "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        wait_http(self.url + "/healthz", self.proc)
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 class LlamaCppServer:
@@ -294,9 +246,6 @@ def main(argv=None) -> int:
     from tokenizers import Tokenizer
 
     from aimass_common.settings import aimass_home
-    from gateway.auth.service import KeyStore
-    from registry.cache import pull
-    from registry.registry import Registry
     from trainer.cli import resolve_model
 
     spec = importlib.util.spec_from_file_location("bench_engine", HERE / "engine.py")
@@ -312,13 +261,7 @@ def main(argv=None) -> int:
 
     home = work / "gateway-home"  # kept after the run: its gateway.log says what happened
     shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    registry = Registry.open(str(home / "registry"))
-    version = registry.push(package, MODEL).version
-    registry.set_alias(MODEL, "production", version)
-    pull(registry, MODEL, cache_dir=home / "cache")  # "an unloaded model in the local cache"
-    _, key = KeyStore(home / "gateway.db").create("bench", ["inference"])
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = serve_home(package, home, MODEL)
 
     # cold start: a fresh gateway process, the package cached, nothing loaded
     gw = Gateway(home, args, idle_unload=3.0)
