@@ -1,7 +1,8 @@
 """`aimass export`: a checkpoint or run → a model package.
 
 Registration is cheap (argparse only); the handler imports torch and the exporters when it runs.
-Prints the package path on stdout and one parity line per target on stderr. Exit codes: 0 done,
+Prints the package path on stdout and one parity line per target on stderr (parity.summary:
+perplexity, top-1 agreement and KL divergence on the held-out text, then greedy agreement). Exit codes: 0 done,
 2 bad input or a failed parity check (one line on stderr), 130 Ctrl-C (nothing left behind).
 """
 
@@ -34,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="keep a quantized target whose perplexity rose past 5%% (recorded as forced)",
+        help="keep a quantized target that fails its fidelity gate (perplexity, top-1 "
+        "agreement; recorded as forced)",
     )
     p.add_argument("--max-len", type=int, help="context the graphs serve (default: the model's)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the parity check")

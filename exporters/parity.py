@@ -1,13 +1,21 @@
 """Parity of an exported artifact with eager PyTorch on the same weights.
 
-Three measurements, all against trainer/model.py as the reference:
+The reference is trainer/model.py on the checkpoint as imported or trained (for a GGUF import the
+checkpoint already holds the file's exact dequantized weights). Measured against it:
 
-- greedy decoding of a fixed prompt set, token for token (fp32 targets must match exactly;
-  quantized ones report where they first diverge);
+- greedy decoding of a fixed prompt set, token for token (exact targets must match; others
+  report where they first diverge);
 - the largest absolute logit difference over every prefill and decode step of those prompts;
-- perplexity on held-out text (the run's validation blocks when the checkpoint's run and data
-  are at hand, else the built-in paragraphs below) and its relative increase, held to a limit
-  (5% by default) so a quantization that damages the model is caught.
+- fidelity on held-out text (the run's validation blocks when the checkpoint's run and data are
+  at hand, else the built-in paragraphs below), teacher-forced: both models see the same tokens
+  and, at every position, the perplexity of each, the KL divergence KL(reference ‖ target) over
+  the full vocabulary, and whether both rank the same token first. These are the figures of
+  llama.cpp's `llama-perplexity --kl-divergence` (mean/median/99th percentile/max KL, "Same top
+  p"), computed from full-precision log-softmax rather than its 16-bit stored base.
+
+The gate (`_failure`): a target passes when its perplexity is at most MAX_PPL_INCREASE above the
+reference's and its top-1 agreement is at least MIN_TOP1_AGREEMENT; an exact target must also
+decode greedily token for token as eager PyTorch does.
 """
 
 from __future__ import annotations
@@ -29,7 +37,26 @@ from trainer.generate import generate
 from trainer.model import Transformer
 from trainer.tokenizer import Tokenizer
 
-__all__ = ["Decoder", "HeldOut", "ParityReport", "check_parity", "held_out_text", "summary"]
+__all__ = [
+    "MAX_PPL_INCREASE",
+    "MIN_TOP1_AGREEMENT",
+    "Decoder",
+    "Fidelity",
+    "FidelityMeter",
+    "HeldOut",
+    "ParityReport",
+    "check_parity",
+    "gate_failure",
+    "held_out_text",
+    "measure_fidelity",
+    "summary",
+]
+
+# The gate every target is held to (llama.cpp's quantization tables read the same two figures):
+# perplexity on the held-out text at most 1% above the reference's, and the same top token as
+# the reference at no fewer than 98% of its positions.
+MAX_PPL_INCREASE = 0.01
+MIN_TOP1_AGREEMENT = 0.98
 
 # Short and varied (prose, code, a chat turn is added when the tokenizer has a template); greedy
 # decoding from each runs long enough to cross many decode steps.
@@ -45,6 +72,9 @@ CHAT_PROMPT = "What does this function return?"
 NEW_TOKENS = 32  # greedy tokens per prompt
 MAX_SEQUENCES = 8  # held-out sequences scored
 MAX_SEQUENCE_LEN = 512  # tokens per held-out sequence, at most
+# positions whose float64 log-softmax is held at once: 64 × 49152 × 8 B = 25 MB for SmolLM2,
+# where a whole 512-token sequence would be 200 MB per array
+FIDELITY_CHUNK = 64
 
 # Neutral prose and one piece of code, written for this check and not part of any corpus.
 BUILTIN_HELD_OUT = [
@@ -81,10 +111,6 @@ class Decoder(Protocol):
         self, prompt_ids: list[int], max_tokens: int, stop_ids: Sequence[int] = ()
     ) -> list[int]:
         """Argmax decoding: up to max_tokens new ids; stops at a stop id, which is not returned."""
-        ...
-
-    def score(self, token_ids: list[int]) -> np.ndarray:
-        """(len-1,) log-probabilities: entry i is log p(token_ids[i+1] | token_ids[:i+1])."""
         ...
 
     def logits(self, prompt_ids: list[int], decode_ids: Sequence[int] = ()) -> np.ndarray:
@@ -127,10 +153,11 @@ def check_parity(
     exact: bool,
     max_len: int,
     held_out: HeldOut,
-    max_ppl_increase: float = 0.05,
+    max_ppl_increase: float = MAX_PPL_INCREASE,
+    min_top1_agreement: float = MIN_TOP1_AGREEMENT,
 ) -> ParityReport:
-    """Compares `decoder` to eager `model`. `exact`: greedy must match token for token (fp32);
-    otherwise divergences are reported and only the perplexity increase can fail the check."""
+    """Compares `decoder` to eager `model`; the report passes or fails by `gate_failure`.
+    `exact`: greedy decoding must also match token for token (fp32 targets)."""
     limit = min(max_len, model.cfg.max_seq_len)
     stop_ids = tokenizer.stop_ids
     results, max_diff = [], 0.0
@@ -144,9 +171,7 @@ def check_parity(
         max_diff = max(max_diff, _max_logit_diff(model, decoder, ids, want))
     if not results:
         raise ValueError(f"max_len={max_len} leaves no room to decode any parity prompt")
-    ppl_eager = _eager_ppl(model, held_out.sequences)
-    ppl_target = _target_ppl(decoder, held_out.sequences)
-    increase = ppl_target / ppl_eager - 1
+    fid = measure_fidelity(model, decoder, held_out.sequences)
     report = ParityReport(
         target=target,
         exact=exact,
@@ -156,30 +181,170 @@ def check_parity(
         max_abs_logit_diff=max_diff,
         held_out=held_out.source,
         held_out_tokens=held_out.n_tokens,
-        ppl_eager=ppl_eager,
-        ppl_target=ppl_target,
-        ppl_increase=increase,
+        ppl_eager=fid.ppl_ref,
+        ppl_target=fid.ppl_target,
+        ppl_increase=fid.ppl_target / fid.ppl_ref - 1,
         max_ppl_increase=max_ppl_increase,
         passed=True,
         reason="",
+        kl_mean=fid.kl_mean,
+        kl_median=fid.kl_median,
+        kl_p99=fid.kl_p99,
+        kl_max=fid.kl_max,
+        top1_agreement=fid.top1_agreement,
+        positions=fid.positions,
+        min_top1_agreement=min_top1_agreement,
     )
-    report.reason = _failure(report)
+    report.reason = gate_failure(report)
     report.passed = not report.reason
     return report
 
 
+def gate_failure(r: ParityReport) -> str:
+    """Why the report fails the gate, or "" when it passes; each reason names the figure, its
+    value and the limit."""
+    reasons = []
+    if not all(map(math.isfinite, (r.max_abs_logit_diff, r.ppl_target, r.kl_mean or 0.0))):
+        reasons.append("the artifact produced non-finite logits")
+    diverged = [p for p in r.prompts if p.first_divergence is not None]
+    if r.exact and diverged:
+        first = diverged[0]
+        reasons.append(
+            f"greedy decoding diverged from eager PyTorch on {len(diverged)} of {len(r.prompts)} "
+            f"prompts (first: {first.prompt!r} at token {first.first_divergence}); an exact "
+            "target must match token for token"
+        )
+    if not r.ppl_target <= r.ppl_eager * (1 + r.max_ppl_increase):
+        reasons.append(
+            f"perplexity {r.ppl_increase:+.2%} > +{_percent(r.max_ppl_increase)} "
+            f"(reference {r.ppl_eager:.3f} → {r.ppl_target:.3f})"
+        )
+    limit = r.min_top1_agreement
+    if limit is not None and not (r.top1_agreement or 0.0) >= limit:
+        shown = _percent(r.top1_agreement or 0.0, unlike=limit)
+        reasons.append(f"top-1 agreement {shown} < {_percent(limit)}")
+    return "; ".join(reasons)
+
+
 def summary(report: ParityReport) -> str:
-    """One line for a terminal."""
-    verdict = "passed" if report.passed else ("FORCED" if report.forced else "FAILED")
-    line = (
-        f"{report.target}: {verdict}: greedy {report.tokens_matched}/{report.tokens_total} tokens "
-        f"match, max |Δlogit| {report.max_abs_logit_diff:.2e}, perplexity {report.ppl_eager:.3f} "
-        f"→ {report.ppl_target:.3f} ({report.ppl_increase:+.2%}) on {report.held_out}"
+    """One line for a terminal: the gate's figures first, then greedy agreement."""
+    r = report
+    verdict = "passed" if r.passed else ("FORCED" if r.forced else "FAILED")
+    parts = [f"perplexity {r.ppl_eager:.3f} → {r.ppl_target:.3f} ({r.ppl_increase:+.2%})"]
+    if r.top1_agreement is not None:
+        parts.append(f"top-1 agreement {r.top1_agreement:.2%}")
+    if r.kl_mean is not None:
+        parts.append(f"KL mean {r.kl_mean:.2e} p99 {r.kl_p99:.2e} max {r.kl_max:.2e}")
+    positions = r.positions or r.held_out_tokens
+    parts[-1] += f" over {positions} positions of {r.held_out}"
+    parts.append(
+        f"greedy {r.tokens_matched}/{r.tokens_total} tokens match, "
+        f"max |Δlogit| {r.max_abs_logit_diff:.2e}"
     )
-    return f"{line}; {report.reason}" if report.reason else line
+    line = f"{r.target}: {verdict}: " + ", ".join(parts)
+    return f"{line}; {r.reason}" if r.reason else line
 
 
-# --- measurements -----------------------------------------------------------------------------
+def _percent(value: float, unlike: float | None = None) -> str:
+    """`value` as a percentage, "98%" rather than "98.00%"; with `unlike`, with as many digits
+    as it takes not to print the same figure (97.95% < 98%, not 98.0% < 98%)."""
+    for digits in range(1, 5):
+        if unlike is None or round(value * 100, digits) != round(unlike * 100, digits):
+            break
+    return f"{round(value * 100, digits):g}%"
+
+
+# --- fidelity on held-out text -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """A target against the reference, teacher-forced on the same tokens (each figure as
+    llama.cpp's `llama-perplexity --kl-divergence` defines it)."""
+
+    positions: int  # tokens predicted and scored
+    ppl_ref: float  # exp(mean negative log-likelihood) of the reference
+    ppl_target: float
+    kl_mean: float  # mean over positions of Σ_v p_ref(v) (ln p_ref(v) − ln p_target(v))
+    kl_median: float
+    kl_p99: float  # 99th percentile, linear between the two nearest ranks
+    kl_max: float
+    top1_agreement: float  # fraction of positions whose argmax is the same token
+
+
+class FidelityMeter:
+    """Accumulates per-position figures over any number of (reference, target) logit blocks."""
+
+    def __init__(self) -> None:
+        self._kl: list[np.ndarray] = []
+        self._nll_ref = 0.0
+        self._nll_target = 0.0
+        self._same = 0
+
+    def add(self, ref_logits: np.ndarray, target_logits: np.ndarray, next_ids) -> None:
+        """(N, V) logits of both models at N positions, and the (N,) tokens that followed."""
+        ref, got = np.asarray(ref_logits), np.asarray(target_logits)
+        next_ids = np.asarray(next_ids, dtype=np.int64)
+        if ref.ndim != 2 or got.shape != ref.shape or next_ids.shape != ref.shape[:1]:
+            raise ValueError(
+                f"fidelity needs reference and target logits of one shape (N, V) and N next "
+                f"tokens; got {ref.shape}, {got.shape} and {next_ids.shape}"
+            )
+        for c in range(0, len(ref), FIDELITY_CHUNK):
+            rows = slice(c, c + FIDELITY_CHUNK)
+            lp_ref = _log_softmax64(ref[rows])  # (n, V) float64
+            lp_got = _log_softmax64(got[rows])
+            kl = (np.exp(lp_ref) * (lp_ref - lp_got)).sum(-1)  # (n,)
+            self._kl.append(np.where(np.isnan(kl), np.inf, kl))  # NaN logits: infinitely far
+            picked = next_ids[rows, None]
+            self._nll_ref -= np.take_along_axis(lp_ref, picked, -1).sum()
+            self._nll_target -= np.take_along_axis(lp_got, picked, -1).sum()
+            finite = np.isfinite(lp_got).all(-1)
+            self._same += int((finite & (lp_ref.argmax(-1) == lp_got.argmax(-1))).sum())
+
+    def result(self) -> Fidelity:
+        kl = np.concatenate(self._kl) if self._kl else np.empty(0)
+        n = len(kl)
+        if n == 0:
+            raise ValueError("fidelity needs at least one scored position")
+        return Fidelity(
+            positions=n,
+            ppl_ref=_ppl(self._nll_ref, n),
+            ppl_target=_ppl(self._nll_target, n),
+            kl_mean=float(kl.mean()),
+            kl_median=float(np.median(kl)),
+            kl_p99=float(np.percentile(kl, 99)),
+            kl_max=float(kl.max()),
+            top1_agreement=self._same / n,
+        )
+
+
+def measure_fidelity(model: Transformer, decoder: Decoder, sequences: list[list[int]]) -> Fidelity:
+    """Both models teacher-forced on each sequence: row i of each predicts token i + 1. The
+    target runs each sequence (less its last token, which predicts nothing) as one prefill."""
+    meter = FidelityMeter()
+    with torch.no_grad():
+        for seq in sequences:
+            context = seq[:-1]
+            ref = model(torch.tensor([context]))[0].float().numpy()  # (T-1, V)
+            got = np.asarray(decoder.logits(context))
+            if got.shape != ref.shape:
+                raise ValueError(
+                    f"decoder.logits returned shape {got.shape} for {len(context)} tokens; "
+                    f"fidelity needs {ref.shape}: one row per position"
+                )
+            meter.add(ref, got, seq[1:])
+    return meter.result()
+
+
+def _log_softmax64(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(-1, keepdims=True))
+    return x
+
+
+# --- greedy decoding of the prompts ------------------------------------------------------------
 
 
 def _prompts(tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
@@ -217,54 +382,9 @@ def _max_logit_diff(model: Transformer, decoder: Decoder, ids: list[int], cont: 
     return float(diff) if np.isfinite(diff) else math.inf
 
 
-def _eager_ppl(model: Transformer, sequences: list[list[int]]) -> float:
-    nll, count = 0.0, 0
-    for seq in sequences:
-        x = torch.tensor([seq])
-        logp = torch.log_softmax(model(x)[0, :-1].float(), dim=-1)  # (T-1, V)
-        nll -= logp.gather(1, x[0, 1:, None]).sum().item()
-        count += len(seq) - 1
-    return _ppl(nll, count)
-
-
-def _target_ppl(decoder: Decoder, sequences: list[list[int]]) -> float:
-    nll, count = 0.0, 0
-    for seq in sequences:
-        ll = np.asarray(decoder.score(seq), dtype=np.float64)
-        if ll.shape != (len(seq) - 1,):
-            raise ValueError(
-                f"decoder.score returned shape {ll.shape} for {len(seq)} tokens; parity needs "
-                f"({len(seq) - 1},): one log-probability per predicted token"
-            )
-        nll -= ll.sum()
-        count += len(seq) - 1
-    return _ppl(nll, count)
-
-
 def _ppl(nll: float, count: int) -> float:
     # NaN (a broken graph) and overflow both read as an infinite perplexity, which fails the check
     return math.exp(min(nll / count, 700.0)) if math.isfinite(nll) else math.inf
-
-
-def _failure(r: ParityReport) -> str:
-    """Why the report fails, or "" when it passes."""
-    reasons = []
-    if not math.isfinite(r.max_abs_logit_diff) or not math.isfinite(r.ppl_target):
-        reasons.append("the artifact produced non-finite logits")
-    diverged = [p for p in r.prompts if p.first_divergence is not None]
-    if r.exact and diverged:
-        first = diverged[0]
-        reasons.append(
-            f"greedy decoding diverged from eager PyTorch on {len(diverged)} of {len(r.prompts)} "
-            f"prompts (first: {first.prompt!r} at token {first.first_divergence}); an exact "
-            "target must match token for token"
-        )
-    if r.ppl_increase > r.max_ppl_increase:
-        reasons.append(
-            f"perplexity rose {r.ppl_increase:.2%} (eager {r.ppl_eager:.3f} → "
-            f"{r.ppl_target:.3f}), above the {r.max_ppl_increase:.0%} limit"
-        )
-    return "; ".join(reasons)
 
 
 # --- held-out text from a training run ----------------------------------------------------------

@@ -29,11 +29,12 @@ from trainer.tokenizer import train_bpe
 
 
 class EagerDecoder:
-    """Parity's Decoder protocol on the eager model; `skew` lowers every log-probability (a
-    worse model), `wrong` shifts every greedy token (a broken graph)."""
+    """Parity's Decoder protocol on the eager model; `sharpen` multiplies every logit (the same
+    top token, a more confident and so worse model), `wrong` shifts every greedy token (a broken
+    graph)."""
 
-    def __init__(self, model, skew: float = 0.0, wrong: bool = False):
-        self.model, self.skew, self.wrong = model, skew, wrong
+    def __init__(self, model, sharpen: float = 1.0, wrong: bool = False):
+        self.model, self.sharpen, self.wrong = model, sharpen, wrong
 
     @torch.no_grad()
     def greedy(self, prompt_ids, max_tokens, stop_ids=()):
@@ -41,14 +42,9 @@ class EagerDecoder:
         return [(t + 1) % self.model.cfg.vocab_size for t in out] if self.wrong else out
 
     @torch.no_grad()
-    def score(self, token_ids):
-        x = torch.tensor([token_ids])
-        logp = torch.log_softmax(self.model(x)[0, :-1].double(), -1)
-        return logp.gather(1, x[0, 1:, None])[:, 0].numpy() - self.skew
-
-    @torch.no_grad()
     def logits(self, prompt_ids, decode_ids=()):
-        return self.model(torch.tensor([list(prompt_ids) + list(decode_ids)]))[0].numpy()
+        x = torch.tensor([list(prompt_ids) + list(decode_ids)])
+        return (self.model(x)[0] * self.sharpen).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -219,17 +215,31 @@ def test_an_exact_target_that_diverges_fails_the_export(fakes, checkpoint, tmp_p
 
 def test_a_quantized_target_past_the_perplexity_limit_needs_force(fakes, checkpoint, tmp_path):
     by_target, _, model = fakes
-    by_target["onnx-int4"] = EagerDecoder(model, skew=0.1)  # perplexity × e^0.1: +10.5%
-    with pytest.raises(
-        ParityError, match=r"perplexity rose 10\.52% .* above the 5% limit.*--force"
-    ):
+    by_target["onnx-int4"] = EagerDecoder(model, sharpen=3.0)  # same top tokens, worse ppl
+    _, tokenizer, _ = load_model(checkpoint)
+    held = held_out_text(checkpoint, tokenizer, 64)
+    rise = _perplexity(model, held.sequences, 3.0) / _perplexity(model, held.sequences, 1.0) - 1
+    assert rise > 0.01
+    with pytest.raises(ParityError, match=rf"perplexity \+{rise:.2%} > \+1% .*--force"):
         export(checkpoint, ["onnx-fp32", "onnx-int4"], tmp_path / "pkg")
     assert list(tmp_path.iterdir()) == []
     m = load(export(checkpoint, ["onnx-fp32", "onnx-int4"], tmp_path / "pkg", force=True))
     report = m.reports.parity["onnx-int4"]
-    assert report.forced and not report.passed and "perplexity rose" in report.reason
-    assert report.ppl_increase == pytest.approx(np.exp(0.1) - 1, rel=1e-4)
+    assert report.forced and not report.passed and report.reason.startswith("perplexity +")
+    assert report.ppl_increase == pytest.approx(rise, rel=1e-6)
+    assert report.top1_agreement == 1.0  # sharpening keeps every argmax: perplexity alone fails
     assert m.reports.parity["onnx-fp32"].passed and not m.reports.parity["onnx-fp32"].forced
+
+
+@torch.no_grad()
+def _perplexity(model, sequences, sharpen: float) -> float:
+    nll, n = 0.0, 0
+    for seq in sequences:
+        x = torch.tensor([seq])
+        logp = torch.log_softmax(model(x)[0, :-1].double() * sharpen, -1)
+        nll -= logp.gather(1, x[0, 1:, None]).sum().item()
+        n += len(seq) - 1
+    return float(np.exp(nll / n))
 
 
 def test_tensorrt_target_without_tensorrt_names_the_package(checkpoint, tmp_path):
@@ -296,7 +306,7 @@ def test_end_to_end_export_and_generate(trained_run, tmp_path):
     r = run_cli("export", str(trained_run), "--targets", "onnx-fp32,onnx-int4", "--out", str(pkg))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(pkg.resolve())
-    assert "onnx-fp32: passed: greedy" in r.stderr and "onnx-int4: " in r.stderr
+    assert "onnx-fp32: passed: perplexity" in r.stderr and "onnx-int4: passed: " in r.stderr
     assert verify(pkg) == []
     m = load(pkg)
     listed = {f.path for a in m.artifacts for f in a.files}
