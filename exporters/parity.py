@@ -303,7 +303,7 @@ class FidelityMeter:
             self._same += int((finite & (lp_ref.argmax(-1) == lp_got.argmax(-1))).sum())
 
     def result(self) -> Fidelity:
-        kl = np.concatenate(self._kl) if self._kl else np.empty(0)
+        kl = np.sort(np.concatenate(self._kl)) if self._kl else np.empty(0)
         n = len(kl)
         if n == 0:
             raise ValueError("fidelity needs at least one scored position")
@@ -313,8 +313,8 @@ class FidelityMeter:
             ppl_target=_ppl(self._nll_target, n),
             kl_mean=float(kl.mean()),
             kl_median=float(np.median(kl)),
-            kl_p99=float(np.percentile(kl, 99)),
-            kl_max=float(kl.max()),
+            kl_p99=_percentile(kl, 0.99),
+            kl_max=float(kl[-1]),
             top1_agreement=self._same / n,
         )
 
@@ -335,6 +335,15 @@ def measure_fidelity(model: Transformer, decoder: Decoder, sequences: list[list[
                 )
             meter.add(ref, got, seq[1:])
     return meter.result()
+
+
+def _percentile(ascending: np.ndarray, fraction: float) -> float:
+    """llama.cpp's: linear between the values at ranks ⌊f·(n−1)⌋ and the next (numpy's default
+    too), written out so that an infinite KL reads as infinite rather than NaN (∞ − ∞)."""
+    at = fraction * (len(ascending) - 1)
+    i = int(at)
+    lo, hi = ascending[i], ascending[min(i + 1, len(ascending) - 1)]
+    return float(lo if at == i or lo == hi else lo + (at - i) * (hi - lo))
 
 
 def _log_softmax64(logits: np.ndarray) -> np.ndarray:
