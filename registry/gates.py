@@ -4,13 +4,17 @@ The policy lives in the registry itself, at `config/gates.json`, so every CI job
 that registry applies the same rules (`aimass registry gates --set FILE` writes it):
 
     {"*":          {"max_ppl_increase": 0.02},
-     "production": {"max_ppl_increase": 0.01, "require_loadtest": true, "loadtest_max_p95_ms": 800}}
+     "production": {"max_ppl_increase": 0.01, "require_loadtest": true, "loadtest_max_p95_ms": 800,
+                    "parity_min_top1_agreement": 0.98, "parity_max_kl_mean": 0.01}}
 
 An alias listed uses its own entry (in full, fields it omits take the defaults below); any
 other alias uses "*"; with no file every alias gets the defaults. `promote` flags override it.
 
 Gates, each named in a refusal:
     parity      every artifact (or `targets`) has a parity report that passed and was not forced
+    fidelity    (when the policy sets a `parity_*` limit) each of those targets' parity report
+                meets it: top1_agreement, kl_mean, kl_p99, ppl_increase (against the target's
+                own reference); a report that never measured the figure fails
     perplexity  no worse than the alias's current version by more than `max_ppl_increase`,
                 compared on the same text: reports.eval["perplexity"] when both versions have it
                 (and name the same reports.eval["dataset"], if they name one), otherwise each
@@ -21,9 +25,11 @@ Gates, each named in a refusal:
 
 from __future__ import annotations
 
+import operator
+
 import msgspec
 
-from registry.manifest import Manifest
+from registry.manifest import Manifest, ParityReport
 
 
 class GatePolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -34,13 +40,18 @@ class GatePolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     loadtest_max_p95_ms: float | None = None  # limits on the load-test report's fields
     loadtest_max_error_rate: float | None = None
     loadtest_min_rps: float | None = None
+    # limits on each required target's parity figures (exporters/parity.py); None: not checked
+    parity_min_top1_agreement: float | None = None  # same top token as the reference, fraction
+    parity_max_kl_mean: float | None = None  # mean KL(reference ‖ target), nats per token
+    parity_max_kl_p99: float | None = None  # its 99th percentile
+    parity_max_ppl_increase: float | None = None  # ppl_target / ppl_eager - 1
 
 
 GatesConfig = dict[str, GatePolicy]  # alias (or "*") → policy
 
 
 class GateResult(msgspec.Struct, kw_only=True):
-    gate: str  # "parity", "perplexity", "loadtest"
+    gate: str  # "parity", "fidelity", "perplexity", "loadtest"
     passed: bool
     detail: str  # what was compared, with the values and the limit
 
@@ -62,6 +73,8 @@ def check(candidate: Manifest, current: Manifest | None, policy: GatePolicy) -> 
     results = []
     if policy.parity:
         results.append(_parity(candidate, policy.targets))
+    if any(limit is not None for _, limit, _, _ in _fidelity_limits(policy)):
+        results.append(_fidelity(candidate, policy))
     if policy.max_ppl_increase is not None:
         results.append(_perplexity(candidate, current, policy.max_ppl_increase))
     loadtest_limits = (
@@ -90,6 +103,56 @@ def _parity(m: Manifest, targets: list[str] | None) -> GateResult:
     if problems:
         return GateResult(gate="parity", passed=False, detail="; ".join(problems))
     return GateResult(gate="parity", passed=True, detail=f"passed for {', '.join(wanted)}")
+
+
+def _fidelity_limits(policy: GatePolicy) -> list[tuple]:
+    """(report field, limit, check, how it reads) for each figure the policy may limit."""
+    return [
+        ("top1_agreement", policy.parity_min_top1_agreement, operator.ge, ">="),
+        ("kl_mean", policy.parity_max_kl_mean, operator.le, "<="),
+        ("kl_p99", policy.parity_max_kl_p99, operator.le, "<="),
+        ("ppl_increase", policy.parity_max_ppl_increase, operator.le, "<="),
+    ]
+
+
+def _fidelity(m: Manifest, policy: GatePolicy) -> GateResult:
+    wanted = policy.targets if policy.targets is not None else [a.target for a in m.artifacts]
+    if not wanted:
+        return GateResult(gate="fidelity", passed=False, detail="the package has no artifacts")
+    problems, lines = [], []
+    for target in wanted:
+        report = m.reports.parity.get(target)
+        if report is None:
+            problems.append(f"{target}: no parity report")
+            continue
+        found = _fidelity_problems(report, policy)
+        problems += [f"{target}: {p}" for p in found]
+        if not found:
+            lines.append(f"{target}: {_fidelity_figures(report, policy)}")
+    if problems:
+        return GateResult(gate="fidelity", passed=False, detail="; ".join(problems))
+    return GateResult(gate="fidelity", passed=True, detail="; ".join(lines))
+
+
+def _fidelity_problems(report: ParityReport, policy: GatePolicy) -> list[str]:
+    problems = []
+    for field, limit, ok, op in _fidelity_limits(policy):
+        if limit is None:
+            continue
+        value = getattr(report, field)
+        if not isinstance(value, int | float):  # a report older than the figure
+            problems.append(f"{field} not measured (must be {op} {limit})")
+        elif not ok(value, limit):
+            problems.append(f"{field} {value:.4g} (must be {op} {limit})")
+    return problems
+
+
+def _fidelity_figures(report: ParityReport, policy: GatePolicy) -> str:
+    return ", ".join(
+        f"{field} {getattr(report, field):.4g} {op} {limit}"
+        for field, limit, _, op in _fidelity_limits(policy)
+        if limit is not None
+    )
 
 
 def _perplexities(m: Manifest) -> dict[str, float]:
