@@ -61,9 +61,10 @@ def export(
 ) -> Path:
     """Builds a model package at `out_dir` holding one artifact per target; returns its path.
 
-    `force` keeps a quantized artifact whose perplexity rose past the limit (the report records
-    it as forced); an exact target that diverges always fails. `max_len` is the context the
-    graphs serve (default: the model's). Raises ExportError; a failure leaves no `out_dir`.
+    `force` keeps a quantized artifact that fails the fidelity gate (parity.gate_failure:
+    perplexity, top-1 agreement; the report records it as forced); an exact target that
+    diverges always fails. `max_len` is the context the graphs serve (default: the model's).
+    Raises ExportError; a failure leaves no `out_dir`.
     """
     progress = on_progress or (lambda _msg: None)
     specs = _targets.parse_targets(targets)
