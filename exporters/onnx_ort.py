@@ -69,9 +69,32 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def _linear_t(*layers: torch.nn.Linear) -> np.ndarray:
-    """nn.Linear weights (out, in) → one MatMul right-hand side (in, sum of outs)."""
-    return np.concatenate([_np(layer.weight).T for layer in layers], axis=1)
+EMBEDDING = "embed_tokens.weight"  # the Gather's table: the same name in graph and checkpoint
+
+
+def matmul_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Each MatMul's constant right-hand side (in, sum of outs) → the checkpoint weights (out, in)
+    it stacks, in order. The builder takes its weights from here, and so does any rewrite that
+    replaces them (exporters/gguf_blocks.py)."""
+    table = {}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}"
+        table[f"{p}.qkv_proj.weight"] = tuple(
+            f"{p}.self_attn.{x}_proj.weight" for x in ("q", "k", "v")
+        )
+        table[f"{p}.o_proj.weight"] = (f"{p}.self_attn.o_proj.weight",)
+        table[f"{p}.gate_up_proj.weight"] = (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight")
+        table[f"{p}.down_proj.weight"] = (f"{p}.mlp.down_proj.weight",)
+    # a tied head is a copy of the embedding in (in, out) order
+    table["lm_head.weight"] = (EMBEDDING if cfg.tie_embeddings else "lm_head.weight",)
+    return table
+
+
+def _matmul(g: GraphBuilder, model: Transformer, x: str, weight: str, out: str) -> str:
+    """x @ the stacked weights `weight` stands for (matmul_weights), as one MatMul."""
+    sources = matmul_weights(model.cfg)[weight]
+    w = np.concatenate([_np(model.get_parameter(n)).T for n in sources], axis=1)
+    return g.op("MatMul", x, g.const(weight, w), outputs=[out], name=weight.removesuffix(".weight"))
 
 
 def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
@@ -94,8 +117,8 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
     cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta)  # (M, hd)
     g.const("cos_cache", _np(cos[:, : cfg.head_dim // 2]))
     g.const("sin_cache", _np(sin[:, : cfg.head_dim // 2]))
-    g.const("embed_tokens.weight", _np(model.embed_tokens.weight))
-    x = g.op("Gather", "embed_tokens.weight", graph.INPUT_IDS, outputs=["embeds"], name="embed")
+    g.const(EMBEDDING, _np(model.embed_tokens.weight))
+    x = g.op("Gather", EMBEDDING, graph.INPUT_IDS, outputs=["embeds"], name="embed")
     # (B, S, D)
 
     # residual adds are fused into the next norm: block i's MLP output and the running sum
@@ -115,12 +138,12 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
             )
         else:
             h, residual = _skip_norm(g, pending, residual, w, f"{p}.ln1", cfg.norm_eps)
-        attn_out = _attention(g, layer.self_attn, h, i, cfg)
+        attn_out = _attention(g, model, h, i)
         w = g.const(
             f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)
         )
         h, residual = _skip_norm(g, attn_out, residual, w, f"{p}.ln2", cfg.norm_eps)
-        pending = _mlp(g, layer.mlp, h, p)
+        pending = _mlp(g, model, h, p)
 
     w = g.const("norm.weight", _np(model.norm.weight))
     h, _ = _skip_norm(g, pending, residual, w, "norm", cfg.norm_eps, want_sum=False)
@@ -129,8 +152,7 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
     flat = g.op("Reshape", h, "hidden_2d_shape", outputs=["hidden_flat"], name="flatten")
     # (B*S, D) → (N, D)
     picked = g.op("Gather", flat, graph.LOGITS_IDX, outputs=["hidden_picked"], name="pick", axis=0)
-    w = g.const("lm_head.weight", _linear_t(model.lm_head))  # (D, V): a copy when tied
-    g.op("MatMul", picked, w, outputs=[graph.LOGITS], name="lm_head")  # (N, V)
+    _matmul(g, model, picked, "lm_head.weight", graph.LOGITS)  # (N, V); (D, V) a copy when tied
 
     return g.model(
         "aimass-ort",
@@ -141,11 +163,10 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
     )
 
 
-def _attention(g: GraphBuilder, attn, h: str, i: int, cfg: ModelConfig) -> str:
+def _attention(g: GraphBuilder, model: Transformer, h: str, i: int) -> str:
     """One fused q|k|v MatMul, GroupQueryAttention (rotary inside, KV appended in place), o."""
-    p = f"layers.{i}"
-    w = g.const(f"{p}.qkv_proj.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
-    qkv = g.op("MatMul", h, w, outputs=[f"{p}.qkv"], name=f"{p}.qkv_proj")  # (B, S, (H+2K)*hd)
+    p, cfg = f"layers.{i}", model.cfg
+    qkv = _matmul(g, model, h, f"{p}.qkv_proj.weight", f"{p}.qkv")  # (B, S, (H+2K)*hd)
     y, _, _ = g.op(
         "GroupQueryAttention",
         qkv,
@@ -166,23 +187,20 @@ def _attention(g: GraphBuilder, attn, h: str, i: int, cfg: ModelConfig) -> str:
         do_rotary=1,
         rotary_interleaved=0,  # "rotate half", as trainer.model and HF LLaMA
     )  # (B, S, H * hd)
-    w = g.const(f"{p}.o_proj.weight", _linear_t(attn.o_proj))
-    return g.op("MatMul", y, w, outputs=[f"{p}.attn_out"], name=f"{p}.o_proj")  # (B, S, D)
+    return _matmul(g, model, y, f"{p}.o_proj.weight", f"{p}.attn_out")  # (B, S, D)
 
 
-def _mlp(g: GraphBuilder, mlp, h: str, p: str) -> str:
+def _mlp(g: GraphBuilder, model: Transformer, h: str, p: str) -> str:
     """SwiGLU: one fused gate|up MatMul, silu(gate) * up, down. ORT fuses x * Sigmoid(x) into
     its QuickGelu kernel (alpha 1)."""
-    w = g.const(f"{p}.gate_up_proj.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
-    gu = g.op("MatMul", h, w, outputs=[f"{p}.gate_up"], name=f"{p}.gate_up_proj")  # (B, S, 2F)
+    gu = _matmul(g, model, h, f"{p}.gate_up_proj.weight", f"{p}.gate_up")  # (B, S, 2F)
     gate, up = g.op(
         "Split", gu, outputs=[f"{p}.gate", f"{p}.up"], name=f"{p}.split", axis=-1, num_outputs=2
     )
     sig = g.op("Sigmoid", gate, outputs=[f"{p}.sig"], name=f"{p}.sigmoid")
     silu = g.op("Mul", gate, sig, outputs=[f"{p}.silu"], name=f"{p}.silu")
     swiglu = g.op("Mul", silu, up, outputs=[f"{p}.swiglu"], name=f"{p}.swiglu")  # (B, S, F)
-    w = g.const(f"{p}.down_proj.weight", _linear_t(mlp.down_proj))
-    return g.op("MatMul", swiglu, w, outputs=[f"{p}.mlp_out"], name=f"{p}.down_proj")  # (B, S, D)
+    return _matmul(g, model, swiglu, f"{p}.down_proj.weight", f"{p}.mlp_out")  # (B, S, D)
 
 
 def _skip_norm(

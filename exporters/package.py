@@ -77,7 +77,7 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
         held_out = held_out_text(folder, tokenizer, max_len)
-        build = _targets.Build(model=model, max_len=max_len, root=staging)
+        build = _targets.Build(model=model, max_len=max_len, root=staging, checkpoint=folder)
         artifacts, reports = [], {}
         for target, spec in specs.items():
             progress(f"building {target}")

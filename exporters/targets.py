@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from engine.graph import ORT, PORTABLE, graph_version
-from exporters import onnx_ort
+from exporters import gguf_blocks, onnx_ort
 from exporters.errors import ExportError
 from exporters.parity import Decoder
 from exporters.portable import build_portable_graph
@@ -87,6 +87,17 @@ class Build:
     max_len: int
     root: Path  # the staging folder
     graphs: dict[tuple[str, str], Any] = field(default_factory=dict)  # onnx.ModelProto by key
+    checkpoint: Path | None = None  # where the model came from: its quantized blocks, if any
+    _blocks: dict[str, Any] | None = field(default=None, repr=False)
+
+    def blocks(self) -> dict[str, Any]:
+        """The checkpoint's quantized blocks (trainer.checkpoint.BlockWeight by weight name),
+        read and checked against the model's weights on first use."""
+        if self._blocks is None:
+            self._blocks = (
+                gguf_blocks.load_checked(self.checkpoint, self.model) if self.checkpoint else {}
+            )
+        return self._blocks
 
     def graph(self, flavour: str, dtype: str = "float32"):
         """The graph of a flavour and dtype, built once and shared by its quantized variants."""
@@ -121,7 +132,12 @@ def _build_onnx(build: Build, spec: TargetSpec, folder: Path) -> dict:
     # quantize and save leave their input intact, so the cached fp32 graph serves every target
     proto = build.graph(spec.flavour)
     quantization = None
-    if spec.bits is not None:
+    if spec.bits is not None and _from_blocks(build, spec):
+        # weights that arrived quantized are served as they arrived, not quantized again
+        proto, quantization = gguf_blocks.apply_blocks(
+            proto, build.blocks(), build.model.cfg, spec.bits, QUANT_ACCURACY_LEVEL
+        )
+    elif spec.bits is not None:
         proto = onnx_ort.quantize(
             proto, bits=spec.bits, block_size=QUANT_BLOCK_SIZE, accuracy_level=QUANT_ACCURACY_LEVEL
         )
@@ -132,6 +148,14 @@ def _build_onnx(build: Build, spec: TargetSpec, folder: Path) -> dict:
         "quantization": quantization,
         "graph_version": _graph_version(proto),
     }
+
+
+def _from_blocks(build: Build, spec: TargetSpec) -> bool:
+    """An ORT target of the bit width of the checkpoint's own blocks (a GGUF import's Q4_0,
+    Q4_1, Q8_0) is built from them; any other quantized target is round-to-nearest."""
+    if spec.flavour != ORT or build.checkpoint is None:
+        return False
+    return gguf_blocks.scheme(build.blocks(), build.model.cfg, spec.bits) is not None
 
 
 def _build_trt(build: Build, spec: TargetSpec, folder: Path) -> dict:

@@ -95,6 +95,10 @@ class Quantization(msgspec.Struct, kw_only=True):
     block_size: int  # weights per scale along the reduction axis
     symmetric: bool  # no zero points
     accuracy_level: int | None = None  # MatMulNBits compute type (4 = int8 activations)
+    # where the quantized weights came from: "rtn" (round-to-nearest of the fp32 weights at
+    # export) or "gguf-<kind>" (the imported file's own blocks, reproduced exactly: "gguf-q4_1")
+    scheme: str = "rtn"
+    formats: dict[str, int] = {}  # gguf schemes: weights per block kind, e.g. {"q4_1": 210}
 
 
 class Artifact(msgspec.Struct, kw_only=True):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import load_model
+from trainer.checkpoint import load_blocks, load_model
 from trainer.config import ModelConfig
 from trainer.errors import CheckpointError
 from trainer.importers import import_gguf, import_hf
@@ -173,7 +173,11 @@ def _gguf_name(name: str) -> str:
     return f"blk.{layer}.{_GGUF_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
-def _write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, extra_tensors=()) -> None:
+def write_gguf(
+    path: Path, model: Transformer, tokenizer: Tokenizer, extra_tensors=(), types=None
+) -> None:
+    """A GGUF file of `model` as llama.cpp's converter writes it; `types(name)` gives a weight's
+    GGML type (a gguf.GGMLQuantizationType, quantized with gguf.quants) or None for F32."""
     gguf = pytest.importorskip("gguf")
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), "llama")
@@ -210,7 +214,12 @@ def _write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, extra_tens
             array = _llama_cpp_permute(array, cfg.n_heads)
         elif ".k_proj." in name:
             array = _llama_cpp_permute(array, cfg.n_kv_heads)
-        w.add_tensor(_gguf_name(name), np.ascontiguousarray(array))
+        qtype = types(name) if types and array.ndim == 2 else None
+        if qtype is None:
+            w.add_tensor(_gguf_name(name), np.ascontiguousarray(array))
+        else:
+            raw = gguf.quants.quantize(np.ascontiguousarray(array), qtype)
+            w.add_tensor(_gguf_name(name), raw, raw_dtype=qtype)
     for name, array in extra_tensors:
         w.add_tensor(name, array)
     w.write_header_to_file()
@@ -219,7 +228,7 @@ def _write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, extra_tens
     w.close()
 
 
-def _tiny_model(tokenizer: Tokenizer, tied: bool) -> Transformer:
+def tiny_model(tokenizer: Tokenizer, tied: bool) -> Transformer:
     cfg = ModelConfig(
         vocab_size=tokenizer.vocab_size,
         dim=64,
@@ -238,8 +247,8 @@ def _tiny_model(tokenizer: Tokenizer, tied: bool) -> Transformer:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_import_gguf_reproduces_source_logits_and_tokenizer(tmp_path, tiny_tokenizer, tied):
-    source = _tiny_model(tiny_tokenizer, tied)
-    _write_gguf(tmp_path / "tiny.gguf", source, tiny_tokenizer)
+    source = tiny_model(tiny_tokenizer, tied)
+    write_gguf(tmp_path / "tiny.gguf", source, tiny_tokenizer)
     out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "ckpt")
 
     model, tok, meta = load_model(out)
@@ -259,6 +268,37 @@ def test_import_gguf_reproduces_source_logits_and_tokenizer(tmp_path, tiny_token
     assert len(meta["lineage"]["source_sha256"]) == 64
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_import_gguf_keeps_quantized_blocks_bit_exact(tmp_path, tiny_tokenizer, qtype):
+    gguf = pytest.importorskip("gguf")
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    f16 = gguf.GGMLQuantizationType.F16
+    source = tiny_model(tiny_tokenizer, tied=False)
+    # the head in F16: a type kept as fp32 only; every other matrix in `qtype`
+    types = {name: f16 if name == "lm_head.weight" else kind for name in source.state_dict()}
+    write_gguf(tmp_path / "q.gguf", source, tiny_tokenizer, types=types.get)
+    out = import_gguf(tmp_path / "q.gguf", tmp_path / "ckpt")
+
+    blocks = load_blocks(out)
+    model, _, _ = load_model(out)
+    weights = model.state_dict()
+    file = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    matrices = {n for n, w in weights.items() if w.ndim == 2 and n != "lm_head.weight"}
+    assert set(blocks) == matrices
+    for name, b in blocks.items():
+        assert b.kind == qtype.lower() and b.d.dtype == np.float16
+        ours = b.dequantize()
+        assert ours.dtype == np.float32 and np.array_equal(ours, weights[name].numpy()), name
+        # the file's tensor, dequantized by gguf and put in llama.cpp's row order, bit for bit
+        t = file[_gguf_name(name)]
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        n_head = {"q_proj": source.cfg.n_heads, "k_proj": source.cfg.n_kv_heads}.get(
+            name.split(".")[-2]
+        )
+        in_file_order = _llama_cpp_permute(ours, n_head) if n_head else ours
+        assert np.array_equal(in_file_order, theirs), name
+
+
 def test_import_gguf_refuses_bad_files(tmp_path, tiny_tokenizer):
     gguf = pytest.importorskip("gguf")
     (tmp_path / "notes.gguf").write_text("not a model")
@@ -274,7 +314,7 @@ def test_import_gguf_refuses_bad_files(tmp_path, tiny_tokenizer):
         import_gguf(tmp_path / "gpt2.gguf", tmp_path / "ckpt")
 
     bias = ("blk.0.attn_q.bias", np.zeros(64, dtype=np.float32))
-    _write_gguf(tmp_path / "bias.gguf", _tiny_model(tiny_tokenizer, True), tiny_tokenizer, [bias])
+    write_gguf(tmp_path / "bias.gguf", tiny_model(tiny_tokenizer, True), tiny_tokenizer, [bias])
     with pytest.raises(CheckpointError, match="blk.0.attn_q.bias"):
         import_gguf(tmp_path / "bias.gguf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
