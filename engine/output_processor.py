@@ -108,9 +108,10 @@ class OutputProcessor:
         now: float,
     ) -> list[RequestOutput]:
         """One step's events: a final "abort" event for each request aborted since the last
-        step, one event per request that gained a token (`updated`, from the scheduler), and an
-        "error" event for every choice of a request whose output handling raised. `sampled` and
-        `rows` (the scheduler ids of its rows) give the logprobs."""
+        step, one event per token gained by a request (`updated`, from the scheduler: one token,
+        or several from a verified draft), and an "error" event for every choice of a request
+        whose output handling raised. `sampled` and `rows` (the scheduler ids of its rows, a
+        request's rows consecutive, one per token it gained) give the logprobs."""
         outputs: list[RequestOutput] = []
         for cid in aborted:
             choice = self._choices.get(cid)
@@ -126,18 +127,48 @@ class OutputProcessor:
             if choice is None:
                 continue  # its request was ended earlier in this step (a sibling failed)
             try:
-                token = state.output_token_ids[-1]
-                logprob = None
-                if choice.request.sampling.logprobs is not None and sampled is not None:
-                    if row_of is None:
-                        row_of = {cid: i for i, cid in enumerate(rows)}
-                    logprob = _logprob(sampled, row_of[state.request_id], token)
-                outputs.append(self._emit(choice, state, token, logprob, now))
+                new = len(state.output_token_ids) - len(choice.token_times)
+                if new == 1:  # the common case
+                    token = state.output_token_ids[-1]
+                    logprob = None
+                    if choice.request.sampling.logprobs is not None and sampled is not None:
+                        if row_of is None:
+                            row_of = _first_rows(rows)
+                        logprob = _logprob(sampled, row_of[state.request_id], token)
+                    outputs.append(self._emit(choice, state, token, logprob, now))
+                    continue
+                if row_of is None:
+                    row_of = _first_rows(rows)
+                outputs += self._emit_several(choice, state, new, sampled, row_of, now)
             except Exception as e:
                 self._fail(choice, e, outputs)
         return outputs
 
     # ── internals ──
+
+    def _emit_several(
+        self,
+        choice: _Choice,
+        state: RequestState,
+        new: int,
+        sampled: SampleResult | None,
+        row_of: dict[str, int],
+        now: float,
+    ) -> list[RequestOutput]:
+        """One event per token of the `new` a verified draft added, until one ends the choice."""
+        out: list[RequestOutput] = []
+        tokens = state.output_token_ids[-new:]
+        wants = choice.request.sampling.logprobs is not None and sampled is not None
+        first = row_of[state.request_id]
+        for i, token in enumerate(tokens):
+            logprob = None
+            if wants:
+                logprob = _logprob(sampled, first + i, token)
+            last = i == new - 1
+            out.append(self._emit(choice, state, token, logprob, now, finishing=last))
+            if out[-1].finished:
+                break
+        return out
 
     def _emit(
         self,
@@ -146,9 +177,12 @@ class OutputProcessor:
         token: int,
         logprob: TokenLogprob | None,
         now: float,
+        finishing: bool = True,
     ) -> RequestOutput:
+        """The event of one token; `finishing` false for a token before the last a step added
+        (the request's finish_reason is about its last token)."""
         choice.token_times.append(now)
-        if state.finish_reason is not None:
+        if finishing and state.finish_reason is not None:
             # a stop token ends the text without adding to it
             stop_token = token in choice.request.stop_token_ids
             text = "" if stop_token else choice.stops.push(choice.decoder.push(token))
@@ -230,6 +264,14 @@ class OutputProcessor:
         siblings = self._children[choice.parent]
         if not any(cid in self._choices for cid in siblings):
             del self._children[choice.parent]
+
+
+def _first_rows(rows: Sequence[str]) -> dict[str, int]:
+    """Each scheduler id → its first row (a verified draft has several, consecutive)."""
+    first: dict[str, int] = {}
+    for i, cid in enumerate(rows):
+        first.setdefault(cid, i)
+    return first
 
 
 def _logprob(sampled: SampleResult, row: int, token: int) -> TokenLogprob:

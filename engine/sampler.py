@@ -165,6 +165,9 @@ _CANDIDATES = 1024
 def _sample_rows(x: np.ndarray, params: list[SamplingParams], gens: list) -> np.ndarray:
     """One token per row of temperature-scaled logits (n, V): top-k → top-p → min-p → draw."""
     n, V = x.shape
+    # one uniform per row, drawn in row order before the rows split by filter: the rows of a
+    # verified draft share one generator and must draw as consecutive decodes would
+    u = np.array([g.random() for g in gens])
     top_k = np.array([p.top_k for p in params])
     top_p = np.array([p.top_p for p in params], np.float32)
     min_p = np.array([p.min_p for p in params], np.float32)
@@ -176,7 +179,7 @@ def _sample_rows(x: np.ndarray, params: list[SamplingParams], gens: list) -> np.
     if plain.size:
         probs = e[plain] / total[plain]
         probs[probs < min_p[plain, None] * probs.max(axis=1, keepdims=True)] = 0.0
-        out[plain] = _draw(probs, [gens[i] for i in plain])
+        out[plain] = _draw(probs, u[plain])
 
     ranked = np.flatnonzero((top_k > 0) | (top_p < 1))
     if not ranked.size:
@@ -206,14 +209,13 @@ def _sample_rows(x: np.ndarray, params: list[SamplingParams], gens: list) -> np.
         tp = top_p[sub, None]
         probs[(tp < 1) & (np.cumsum(probs, axis=1) - probs >= tp)] = 0.0
         probs[probs < min_p[sub, None] * probs[:, :1]] = 0.0
-        idx = _draw(probs, [gens[i] for i in sub])
+        idx = _draw(probs, u[sub])
         out[sub] = np.take_along_axis(ids, idx[:, None], axis=1)[:, 0]
     return out
 
 
-def _draw(probs: np.ndarray, gens: list) -> np.ndarray:
-    """Inverse-CDF draw from unnormalised (n, V) probabilities, one uniform per row."""
-    u = np.array([g.random() for g in gens])
+def _draw(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draw from unnormalised (n, V) probabilities, one uniform `u` per row."""
     cdf = np.cumsum(probs, axis=1, dtype=np.float64)
     # the first index whose cdf exceeds u × total: never a zero-probability token
     idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)
