@@ -89,6 +89,8 @@ class AsyncEngine:
         return Health(ok=True, status="ok")
 
     async def stats(self) -> EngineStats:
+        # a page-table walk (mincore) that needs no lock: the step may run meanwhile
+        resident = self.core.runner.kv_resident_bytes()
         with self._lock:
             core, usage = self.core, self.core.scheduler.usage()
             return EngineStats(
@@ -104,6 +106,9 @@ class AsyncEngine:
                 generated_tokens_total=core.generated_tokens_total,
                 requests_total=core.requests_total,
                 steps_total=core.steps_total,
+                kv_resident_bytes=resident,
+                memory_bytes=self.info.weights_bytes + resident,
+                queue_waiting_for=usage.waiting_for or "",
             )
 
     # ── the step thread ──

@@ -36,6 +36,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
     p.add_argument("--slots", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-len", type=int, help="tokens per slot (default: the target's)")
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        help="KV cache positions the slots share; a request starts while its prompt + "
+        "max_tokens fit (default: slots × max-len / 4)",
+    )
     p.add_argument("--token-budget", type=int, default=256, help="tokens per step")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests at most")
     p.add_argument(
@@ -49,7 +55,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--huge-pages",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="back the weights and the KV cache with 2 MiB transparent huge pages (Linux)",
+        help="back the weights with 2 MiB transparent huge pages (Linux)",
     )
 
 
@@ -63,6 +69,7 @@ def engine_config(args: argparse.Namespace):
         threads=args.threads,
         n_slots=args.slots,
         max_len=args.max_len,
+        kv_tokens=args.kv_tokens,
         token_budget=args.token_budget,
         max_waiting=args.max_waiting,
         spin_wait=args.spin_wait,

@@ -7,8 +7,9 @@ gets huge pages only where the program asks, and ONNX Runtime, which allocates i
 weights and the KV cache with malloc, never asks. So the runner does, once, after the load:
 
     before = anonymous_regions()        # the process's private anonymous mappings
-    ... create the session, allocate the KV cache ...
+    ... create the session ...
     report = back_with_huge_pages(before)
+    ... map the KV cache (engine/kv_memory.py): collapsing it would make all of it resident
 
 Every private anonymous mapping that is new or has grown since `before` (glibc's heap, where
 most prepacked weights land, its per-allocation mmaps, ONNX Runtime's arena chunks) is madvised

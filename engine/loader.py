@@ -18,10 +18,13 @@ from engine.detokenizer import TokenBytes
 from engine.graph import ORT, UnsupportedGraph, check_version
 from engine.outputs import EngineInfo
 from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable, StepRunner
-from engine.scheduler import SchedulerConfig, check_limits
+from engine.scheduler import SchedulerConfig, check_kv_tokens, check_limits
 from registry.manifest import Artifact, Manifest, ManifestError, check_files, load
 
 RUNTIMES = ("onnxruntime", "tensorrt")  # the artifact runtimes the engine runs
+# the default KV pool is this share of n_slots × max_len: requests rarely fill their slots (the
+# default at 32 × 2048 is 16384 positions, llama-server's default cache)
+KV_TOKENS_SHARE = 4
 
 
 class LoadError(RuntimeError):
@@ -44,13 +47,19 @@ class EngineConfig:
     # ONNX Runtime's worker threads spin between parallel sections (lower latency when the
     # engine has the cores to itself; off leaves them to the HTTP server on a small machine)
     spin_wait: bool = True
-    # back the prepacked weights and the KV cache with 2 MiB pages where the kernel has
-    # transparent huge pages (Linux): fewer TLB misses as each step streams the weights
+    # back the prepacked weights with 2 MiB pages where the kernel has transparent huge pages
+    # (Linux): fewer TLB misses as each step streams the weights (never the KV cache, which
+    # would become resident whole: engine/kv_memory.py)
     huge_pages: bool = True
-    # sequences decoded together; each owns one preallocated KV row, so this sizes the cache
+    # sequences decoded together; each owns one KV row of max_len positions (address space:
+    # only written positions are resident)
     n_slots: int = 32
-    # tokens per slot; None takes the artifact's max_len. The cache is n_slots × max_len
+    # tokens per slot, the limit of one request's prompt + max_tokens; None takes the artifact's
     max_len: int | None = None
+    # positions the slots share (the KV pool): a request starts only while its prompt +
+    # max_tokens fit beside the running ones', so the cache holds at most this many. None:
+    # n_slots × max_len / KV_TOKENS_SHARE (16384 at 32 × 2048), at least max_len
+    kv_tokens: int | None = None
     # tokens per step shared by prefill chunks and decodes, at least n_slots (every running
     # stream decodes one token per step); bounds a step's latency
     token_budget: int = 256
@@ -68,9 +77,19 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.threads = {self.threads} must be >= 1")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"EngineConfig.max_len = {self.max_len} must be >= 2")
+        if self.kv_tokens is not None and self.max_len is not None:
+            check_kv_tokens("EngineConfig", self.kv_tokens, self.n_slots, self.max_len)
+        elif self.kv_tokens is not None and self.kv_tokens < 2:
+            raise ValueError(f"EngineConfig.kv_tokens = {self.kv_tokens} must be >= 2")
         check_limits(
             "EngineConfig", self.n_slots, self.token_budget, self.max_waiting, self.retry_after_s
         )
+
+    def pool(self, max_len: int) -> int:
+        """kv_tokens once the artifact has fixed max_len (the default, or the one given)."""
+        if self.kv_tokens is not None:
+            return self.kv_tokens
+        return max(max_len, self.n_slots * max_len // KV_TOKENS_SHARE)
 
     def scheduler(self, max_len: int, compact_slots: bool = True) -> SchedulerConfig:
         return SchedulerConfig(
@@ -80,6 +99,7 @@ class EngineConfig:
             max_waiting=self.max_waiting,
             retry_after_s=self.retry_after_s,
             compact_slots=compact_slots,
+            kv_tokens=self.pool(max_len),
         )
 
 
@@ -165,6 +185,10 @@ def open_core(
             f"{artifact.max_len}"
         )
     try:
+        check_kv_tokens("EngineConfig", config.pool(max_len), config.n_slots, max_len)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    try:
         runner = _open_runner(package_dir, artifact, config, max_len)
     except ProviderUnavailable as e:
         raise LoadError(f"{artifact.target}: {e}") from None
@@ -196,7 +220,9 @@ def open_core(
             "top_k": gen.top_k,
             "max_tokens": gen.max_tokens,
         },
-        kv_bytes=runner.kv_bytes,
+        kv_bytes=config.pool(max_len) * runner.kv_token_bytes,
+        weights_bytes=sum(f.size for f in artifact.files),
+        kv_tokens=config.pool(max_len),
     )
     return core, info
 

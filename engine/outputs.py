@@ -69,7 +69,11 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     bos_token: str | None = None
     eos_token: str = ""
     generation_defaults: dict = {}  # the manifest's defaults (temperature, top_p, max_tokens)
-    kv_bytes: int = 0  # the bytes the engine holds for its KV cache (a remote one: its server's)
+    # the most its KV cache holds: kv_tokens positions (the pool), each kv_bytes / kv_tokens;
+    # resident only as positions are written (EngineStats.kv_resident_bytes says how much now)
+    kv_bytes: int = 0
+    weights_bytes: int = 0  # the artifact's files, which the engine loads (a remote one: its own)
+    kv_tokens: int = 0  # the pool of positions the slots share (0: from an older engine)
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,3 +95,8 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     generated_tokens_total: int
     requests_total: int
     steps_total: int
+    kv_resident_bytes: int = 0  # of the KV cache, resident now (grows with use, given back)
+    memory_bytes: int = 0  # what the engine holds: weights_bytes + kv_resident_bytes
+    # why the queue head waits: "slot" (every slot taken), "kv_tokens" (the pool lacks room for
+    # its prompt + max_tokens), or "" (nobody waits, or only for the next step)
+    queue_waiting_for: str = ""

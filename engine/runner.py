@@ -1,8 +1,9 @@
 """Runs the engine graph (contract 2, engine/graph.py) on ONNX Runtime over a KV cache
 allocated once.
 
-The cache is one OrtValue per layer and kind, of shape [n_slots, K, max_len, hd], and every
-forward binds each `present_*` output to the same memory as its `past_*` input, so
+The cache is one array per layer and kind, of shape [n_slots, K, max_len, hd] (on the CPU over
+one anonymous mapping, resident only where positions are written: engine/kv_memory.py), and
+every forward binds each `present_*` output to the same memory as its `past_*` input, so
 GroupQueryAttention appends in place and no step copies the cache:
 
     slot (batch row) 0  [ K × (filled .. | free ........) × hd ]   per layer, keys and values
@@ -34,7 +35,6 @@ harness (exporters/runner.py) runs the same forward, so parity is measured on wh
 
 from __future__ import annotations
 
-import ctypes
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import partial
@@ -45,6 +45,7 @@ import onnxruntime as ort
 
 from engine import graph
 from engine.hugepages import HugePages, anonymous_regions, back_with_huge_pages
+from engine.kv_memory import HostKV
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 # the setting users pick → ONNX Runtime's provider list (first preferred; CPU runs what is left)
@@ -97,7 +98,25 @@ class StepRunner(ABC):
 
     @property
     @abstractmethod
-    def kv_bytes(self) -> int: ...
+    def kv_bytes(self) -> int:
+        """The cache's whole reservation, n_slots × max_len positions (address space on the
+        host; allocated memory on a device)."""
+
+    @property
+    def kv_token_bytes(self) -> int:
+        """The bytes one cached position takes, every layer and kind."""
+        return self.kv_bytes // (self.n_slots * self.max_len)
+
+    def kv_resident_bytes(self) -> int:
+        """The bytes of the cache resident now (a device cache: all of it)."""
+        return self.kv_bytes
+
+    def release(self, slot: int) -> None:
+        """Forgets `slot`'s cached positions and gives their memory back where the cache can
+        (OrtRunner's host cache). Call it once the slot is truly free: no running request holds
+        it and no cached prefix there will be reused (the scheduler says so through
+        SchedulerOutput.released); the slot's next first prompt starts it from empty."""
+        self.lengths[slot] = 0
 
     @property
     @abstractmethod
@@ -123,16 +142,17 @@ class StepRunner(ABC):
         if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
             raise ValueError(f"move {src} → {dst} of {n_tokens} tokens is outside the cache")
         self._copy_rows(src, dst, n_tokens)
-        self.lengths[dst], self.lengths[src] = n_tokens, 0
+        self.lengths[dst] = n_tokens
+        self.release(src)  # its positions live in dst now
 
     @abstractmethod
     def _copy_rows(self, src: int, dst: int, n_tokens: int) -> None:
         """The cache copy behind move(), every layer and kind."""
 
     def reset(self) -> None:
-        """Forgets every slot's tokens. The buffers are not cleared: attention never reads past a
-        row's length, and a first prompt (S == total length) starts each row from empty."""
-        self.lengths[:] = 0
+        """Forgets every slot's tokens and gives their memory back (release())."""
+        for slot in range(self.n_slots):
+            self.release(slot)
 
     def _check_forward(self, B: int, S: int, rows: range | None, total: int) -> range:
         """The slots of a forward (default 0..B-1), checked with its total length."""
@@ -152,6 +172,8 @@ class StepRunner(ABC):
 
         The logits may be a view of the runner's output buffer, valid until the next forward:
         a step with one forward (the common case) copies nothing."""
+        for slot in step.released:  # first: a freed slot may be a move's destination
+            self.release(slot)
         for m in step.moves:  # before any forward: the chunks name the slots after the moves
             self.move(m.src, m.dst, m.n_tokens)
         forwards: list = [
@@ -275,21 +297,29 @@ class OrtRunner(StepRunner):
         self.vocab_size = _vocab_size(self.session)
         self._row_shape = (n_kv_heads, capacity, head_dim)
         self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
-        # allocated once and zeroed once: the pages are touched at load rather than in the first
-        # decode steps, and a bug that read past a row's length would read zeros, not garbage
-        shape = (n_slots, *self._row_shape)
         self._cache_names = graph.cache_names(n_layers)  # (past, present) pairs
-        self.kv: dict[str, ort.OrtValue] = {}  # by past name
-        # ONNX Runtime allocates the cache (a numpy-allocated one decoded ~3% slower at batch 1,
-        # measured alternating); on the CPU a numpy view of the same memory lets move() copy rows
-        self._host_kv: dict[str, np.ndarray] | None = {} if self.device == "cpu" else None
-        zeros = np.zeros(shape, dtype=self.kv_dtype)
-        for name, _ in self._cache_names:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
-            value.update_inplace(zeros)
-            self.kv[name] = value
-            if self._host_kv is not None:
-                self._host_kv[name] = _host_view(value, shape, self.kv_dtype)
+        # the prepacked weights on 2 MiB pages (engine/hugepages.py), before the cache is mapped:
+        # collapsing it would make every position resident
+        if not huge_pages:
+            self.huge_pages = HugePages(0, 0, "turned off")
+        elif self.device == "cpu":
+            self.huge_pages = back_with_huge_pages(before)
+        self._host_kv: HostKV | None = None
+        self._device_kv: dict[str, ort.OrtValue] = {}  # a device cache, by past name
+        if self.device == "cpu":  # resident only where written, released per slot
+            past_names = [past for past, _ in self._cache_names]
+            self._host_kv = HostKV(past_names, n_slots, self._row_shape, self.kv_dtype)
+            self._kv_ptr = {name: self._host_kv.pointer(name) for name in past_names}
+        else:  # zeroed once, so that no position ever reads uninitialised device memory
+            shape = (n_slots, *self._row_shape)
+            zeros = np.zeros(shape, dtype=self.kv_dtype)
+            for name, _ in self._cache_names:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, self.kv_dtype, self.device, 0
+                )
+                value.update_inplace(zeros)
+                self._device_kv[name] = value
+            self._kv_ptr = {name: v.data_ptr() for name, v in self._device_kv.items()}
         self.binding = self.session.io_binding()
         self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
         self._inputs: dict[tuple[int, int, int], _Inputs] = {}  # decode shapes, by (B, 1, N)
@@ -297,15 +327,24 @@ class OrtRunner(StepRunner):
         self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
         self._lengths_view = memoryview(self.lengths)  # item writes without numpy
-        # the prepacked weights and the KV cache on 2 MiB pages (engine/hugepages.py)
-        if not huge_pages:
-            self.huge_pages = HugePages(0, 0, "turned off")
-        elif self.device == "cpu":
-            self.huge_pages = back_with_huge_pages(before)
 
     @property
     def kv_bytes(self) -> int:
-        return self._row_bytes * self.n_slots * len(self.kv)
+        return self._row_bytes * self.n_slots * len(self._cache_names)
+
+    @property
+    def kv_token_bytes(self) -> int:
+        return self._row_bytes // self._row_shape[1] * len(self._cache_names)
+
+    def kv_resident_bytes(self) -> int:
+        if self._host_kv is None:
+            return self.kv_bytes
+        return self._host_kv.resident_bytes()
+
+    def release(self, slot: int) -> None:
+        super().release(slot)
+        if self._host_kv is not None:
+            self._host_kv.release(slot)
 
     @property
     def can_move(self) -> bool:
@@ -316,7 +355,7 @@ class OrtRunner(StepRunner):
         each idle row a decode forward would otherwise carry costs a row's compute every step."""
         if self._host_kv is None:
             raise RuntimeError(f"slots cannot move on {self.provider}: the cache is on the device")
-        for array in self._host_kv.values():
+        for array in self._host_kv.arrays.values():
             array[dst, :, :n_tokens] = array[src, :, :n_tokens]
 
     def forward(
@@ -383,7 +422,7 @@ class OrtRunner(StepRunner):
             shape = (B, *self._row_shape)
             offset = first_slot * self._row_bytes
             for past, present in self._cache_names:
-                ptr = self.kv[past].data_ptr() + offset
+                ptr = self._kv_ptr[past] + offset
                 b.bind_input(past, self.device, 0, self.kv_dtype, shape, ptr)
                 b.bind_output(present, self.device, 0, self.kv_dtype, shape, ptr)
             self._bound_rows = (first_slot, B)
@@ -442,14 +481,6 @@ def _runs(chunks: Sequence[ScheduledChunk], max_gap: int) -> list[list[Scheduled
         else:
             runs.append([c])
     return runs
-
-
-def _host_view(value: ort.OrtValue, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A numpy array over a CPU OrtValue's memory, no copy; valid while the OrtValue lives (the
-    runner holds both)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    memory = (ctypes.c_byte * nbytes).from_address(value.data_ptr())
-    return np.frombuffer(memory, dtype=dtype).reshape(shape)
 
 
 def _graph_max_len(meta: dict[str, str]) -> int:

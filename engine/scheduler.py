@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.errors import InvalidRequest, Overloaded
 from engine.kv_cache import KVSlots, KVUsage, check_fits
@@ -38,11 +38,16 @@ class SchedulerConfig:
     # move running requests down into the slots finished ones left (those the waiting requests
     # will not take), so a decode forward covers only running slots; the runner copies the rows
     compact_slots: bool = True
+    # the pool of positions the slots share (engine/kv_cache.py): a request is admitted only
+    # while prompt + max_tokens fit what the running ones have not reserved; None: every slot
+    # full (n_slots × max_len)
+    kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
         owner = "SchedulerConfig"
         check_limits(owner, self.n_slots, self.token_budget, self.max_waiting, self.retry_after_s)
         _at_least(owner, "max_len", self.max_len, 2, "a prompt token and an output token")
+        check_kv_tokens(owner, self.kv_tokens, self.n_slots, self.max_len)
 
 
 def check_limits(
@@ -56,6 +61,18 @@ def check_limits(
     _at_least(owner, "max_waiting", max_waiting, 1, "one queued request")
     if not retry_after_s > 0:
         raise ValueError(f"{owner}.retry_after_s = {retry_after_s!r} must be > 0")
+
+
+def check_kv_tokens(owner: str, kv_tokens: int | None, n_slots: int, max_len: int) -> None:
+    """kv_tokens holds one longest request at least, and no more than every slot full."""
+    if kv_tokens is None:
+        return
+    _at_least(owner, "kv_tokens", kv_tokens, max_len, "max_len: one request of the longest")
+    if kv_tokens > n_slots * max_len:
+        raise ValueError(
+            f"{owner}.kv_tokens = {kv_tokens} must be <= n_slots × max_len = {n_slots * max_len} "
+            f"({n_slots} × {max_len}: the slots hold no more)"
+        )
 
 
 def _at_least(owner: str, name: str, value: int, limit: int, why: str) -> None:
@@ -108,6 +125,9 @@ class SchedulerOutput:
     aborted: tuple[str, ...]
     # cache rows to move before the forwards (compaction); the chunks above use the new slots
     moves: tuple[SlotMove, ...] = ()
+    # slots freed since the last step (finished or aborted): before anything else, the runner
+    # gives their memory back (StepRunner.release); one may be taken again in this very step
+    released: tuple[int, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -121,7 +141,8 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
-        self.kv = KVSlots(config.n_slots, config.max_len)
+        self.kv = KVSlots(config.n_slots, config.max_len, config.kv_tokens)
+        self._waiting_for: str | None = None  # why the queue head did not start last step
         self._clock = clock
         self._waiting: deque[RequestState] = deque()  # FIFO, holds no slot
         self._running: list[RequestState] = []  # admission order, each holds a slot
@@ -145,7 +166,8 @@ class Scheduler:
         return bool(self._states)
 
     def usage(self) -> KVUsage:
-        return self.kv.usage()
+        waiting_for = self._waiting_for if self._waiting else None
+        return replace(self.kv.usage(), waiting_for=waiting_for)
 
     def add(self, request: EngineRequest) -> None:
         """Queue a request; ContextOverflow if it can never fit a slot, Overloaded if the queue
@@ -184,8 +206,10 @@ class Scheduler:
            The budget covers them all (token_budget >= n_slots), so running streams never stall.
         2. The request still in its prompt, if any, gets min(tokens left, budget left): a long
            prompt takes only what remains after the decodes, so it can never delay them.
-        3. Waiting requests are admitted in FIFO order while a slot and budget remain, each with
-           a first chunk of min(prompt, budget left); with no free slot the queue head waits.
+        3. Waiting requests are admitted in FIFO order while a slot, room in the KV pool for
+           prompt + max_tokens (reserved until it finishes) and budget remain, each with a first
+           chunk of min(prompt, budget left); else the queue head waits (`usage().waiting_for`
+           says for what).
         Aborted requests leave at the step boundary, before the budget is handed out. Then the
         running requests in the highest slots move down into the holes finished ones left
         (`moves`), except the lowest holes, one per waiting request, which those take without a
@@ -217,12 +241,16 @@ class Scheduler:
             chunks.append(self._chunk(state, n))
             budget -= n
 
+        self._waiting_for = None
         while self._waiting and budget > 0:
             state = self._waiting[0]
             request = state.request
-            slot = self.kv.allocate(state.request_id, state.num_prompt_tokens + request.max_tokens)
+            needed = state.num_prompt_tokens + request.max_tokens
+            slot = self.kv.allocate(state.request_id, needed)
             if slot is None:
-                break  # FIFO: nobody overtakes the head; it starts when a slot frees
+                # FIFO: nobody overtakes the head; it starts when a slot and tokens free
+                self._waiting_for = self.kv.no_room(needed)
+                break
             self._waiting.popleft()
             state.status, state.slot = RequestStatus.RUNNING, slot
             self._running.append(state)
@@ -243,6 +271,7 @@ class Scheduler:
             ),
             aborted=aborted,
             moves=moves,
+            released=self.kv.take_released(),
         )
 
     def update(self, sampled: Mapping[str, int | None]) -> list[RequestState]:

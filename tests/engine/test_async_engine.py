@@ -158,8 +158,11 @@ def test_what_a_caller_needs_to_know_comes_through_the_api(tiny_package, kind):
 
     info, table, again = asyncio.run(main())
     core, _ = open_core(tiny_package, CONFIG)
-    # 2 layers × (K, V) × 4 slots × 2 kv heads × 128 positions × head size 16, fp32
-    assert info.kv_bytes == core.runner.kv_bytes == 2 * 2 * 4 * 2 * 128 * 16 * 4
+    # reserved: 2 layers × (K, V) × 4 slots × 2 kv heads × 128 positions × head size 16, fp32
+    assert core.runner.kv_bytes == 2 * 2 * 4 * 2 * 128 * 16 * 4
+    # held at most: the pool, max(max_len, 4 × 128 / 4) = 128 positions of 2 × 2 × 2 × 16 × 4 B
+    assert info.kv_tokens == 128 and info.kv_bytes == 128 * 2 * 2 * 2 * 16 * 4
+    assert info.weights_bytes > 0
     assert table is again  # built once
     assert table.table == core.token_bytes.table and table.vocab_size == info.vocab_size
 

@@ -160,7 +160,8 @@ def test_random_arrivals_lengths_and_aborts_match_each_request_alone(tiny_packag
         arrivals.setdefault(rng.randint(0, 120), []).append(r)
         if rng.random() < 0.15:
             aborts.setdefault(rng.randint(0, 150), []).append(r.request_id)
-    core = make_core(tiny_package, n_slots=6, token_budget=24, max_waiting=200)
+    # every slot full (6 × the tiny package's 128): the slots, not the KV pool, bound the load
+    core = make_core(tiny_package, n_slots=6, token_budget=24, max_waiting=200, kv_tokens=768)
     moves = count_moves(core)
 
     def on_step(step):
