@@ -109,6 +109,7 @@ class AsyncEngine:
                 kv_resident_bytes=resident,
                 memory_bytes=self.info.weights_bytes + resident,
                 queue_waiting_for=usage.waiting_for or "",
+                **core.feature_stats(),
             )
 
     # ── the step thread ──

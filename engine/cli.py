@@ -57,6 +57,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=True,
         help="back the weights with 2 MiB transparent huge pages (Linux)",
     )
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep finished requests' cached tokens while their slots are free; a prompt "
+        "that starts with them copies them instead of computing them",
+    )
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="draft up to K tokens per step from the request's own prompt and output "
+        "(n-gram lookup), verified in the same forward; 0 is off",
+    )
 
 
 def engine_config(args: argparse.Namespace):
@@ -74,6 +89,8 @@ def engine_config(args: argparse.Namespace):
         max_waiting=args.max_waiting,
         spin_wait=args.spin_wait,
         huge_pages=args.huge_pages,
+        prefix_caching=args.prefix_caching,
+        speculative_tokens=args.speculative_tokens,
     )
 
 

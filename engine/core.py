@@ -29,8 +29,9 @@ from engine.output_processor import OutputProcessor, fan_out
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest, RequestState
 from engine.runner import StepRunner
-from engine.sampler import Sampler, make_generator
+from engine.sampler import Sampler, SampleResult, make_generator
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.speculative import accepted_prefix
 
 THROUGHPUT_WINDOW_S = 5.0  # stats(): output tokens per second over this trailing window
 
@@ -57,6 +58,10 @@ class EngineCore:
         if config.compact_slots and not runner.can_move:
             raise ValueError(
                 f"compact_slots needs a host cache; {runner.provider} keeps it on the device"
+            )
+        if config.prefix_caching and not runner.can_move:
+            raise ValueError(
+                f"prefix_caching copies cache rows, which {runner.provider} keeps on the device"
             )
         self.runner, self.config = runner, config
         self.scheduler = Scheduler(config, clock)
@@ -134,9 +139,16 @@ class EngineCore:
         for cid in step.aborted:
             self._generators.pop(cid, None)
         ids, logits = ran
-        sampled: dict[str, int | None] = {c.request_id: None for c in step.chunks}
+        sampled: dict[str, int | list[int] | None] = {c.request_id: None for c in step.chunks}
         result = None
-        if ids:
+        produced = len(ids)
+        drafts = {c.request_id: c.token_ids[1:] for c in step.continuations if c.draft}
+        if drafts:
+            result, verified = self._verify(ids, logits, drafts)
+            sampled.update(verified)
+            # a request with a draft had 1 + len(draft) rows and emitted what was accepted + 1
+            produced += sum(len(verified[cid]) - 1 - len(d) for cid, d in drafts.items())
+        elif ids:
             states = [self.scheduler.state(cid) for cid in ids]
             result = self.sampler.sample(
                 logits,
@@ -147,17 +159,59 @@ class EngineCore:
             )
             sampled.update(zip(ids, result.tokens.tolist(), strict=True))
         updated = self.scheduler.update(sampled)
+        # finished requests' slots give their cache memory back now, not at the next step,
+        # which an engine that has gone idle never runs
+        for slot in self.scheduler.kv.take_released():
+            self.runner.release(slot)
         for state in updated:
             if state.finish_reason is not None:
                 del self._generators[state.request_id]
         now = self._clock()
         outputs = self.output.process(step.aborted, updated, result, ids, now)
-        produced = len(ids)
         self.generated_tokens_total += produced
         self._recent.append((now, produced))
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
         return outputs
+
+    def _verify(
+        self, ids: list[str], logits: np.ndarray, drafts: dict[str, tuple[int, ...]]
+    ) -> tuple[SampleResult, dict[str, int | list[int]]]:
+        """Sample every row as a one-token decode would, then keep each draft's rows up to the
+        first that disagrees (engine/speculative.py: this is the rejection rule for a one-hot
+        draft). Row j of a request with a draft follows its draft's first j tokens; its
+        generator ends up having drawn once per token emitted, as decoding them one at a time."""
+        first: dict[str, int] = {}
+        for i, cid in enumerate(ids):
+            first.setdefault(cid, i)
+        states = [self.scheduler.state(cid) for cid in ids]
+        histories = [
+            _History(s, drafts[cid][: i - first[cid]]) if cid in drafts else _History(s)
+            for i, (cid, s) in enumerate(zip(ids, states, strict=True))
+        ]
+        gens = self._generators
+        drawn = {cid: gens[cid].bit_generator.state for cid in drafts}
+        result = self.sampler.sample(
+            logits,
+            [s.request.sampling for s in states],
+            histories,
+            [s.num_prompt_tokens for s in states],
+            [gens[cid] for cid in ids],
+        )
+        tokens = result.tokens.tolist()
+        verified: dict[str, int | list[int]] = {}
+        for cid, row in first.items():
+            draft = drafts.get(cid)
+            if draft is None:
+                verified[cid] = tokens[row]
+                continue
+            targets = tokens[row : row + len(draft) + 1]
+            emitted = targets[: accepted_prefix(targets, draft) + 1]
+            if self.scheduler.state(cid).request.sampling.temperature != 0:
+                gens[cid].bit_generator.state = drawn[cid]  # one draw per emitted token
+                gens[cid].random(len(emitted))
+            verified[cid] = emitted
+        return result, verified
 
     def step(self) -> list[RequestOutput]:
         """plan + execute + update, for single-threaded callers (tests, `aimass generate`)."""
@@ -165,6 +219,17 @@ class EngineCore:
         return self.update(plan, self.execute(plan))
 
     # ── stats ──
+
+    def feature_stats(self) -> dict[str, int | float]:
+        """EngineStats' speculative decoding and prefix caching counters."""
+        spec, sched = self.scheduler.speculator, self.scheduler
+        return {
+            "spec_draft_tokens_total": spec.drafted_total if spec else 0,
+            "spec_accepted_tokens_total": spec.accepted_total if spec else 0,
+            "spec_acceptance": spec.acceptance if spec else 0.0,
+            "prefix_cache_hits_total": sched.prefix_hits,
+            "prefix_cache_hit_tokens_total": sched.prefix_hit_tokens,
+        }
 
     def tokens_per_s(self) -> float:
         if len(self._recent) < 2:
@@ -175,16 +240,17 @@ class EngineCore:
 
 
 class _History:
-    """prompt + output of a request, concatenated only if a penalty asks for it."""
+    """prompt + output of a request (+ the draft tokens a verified row follows), concatenated
+    only if a penalty asks for it."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("_state", "_extra")
 
-    def __init__(self, state: RequestState):
-        self._state = state
+    def __init__(self, state: RequestState, extra: tuple[int, ...] = ()):
+        self._state, self._extra = state, extra
 
     def __len__(self) -> int:
-        return self._state.num_tokens
+        return self._state.num_tokens + len(self._extra)
 
     def __getitem__(self, index: slice) -> list[int]:
         s = self._state
-        return (list(s.request.prompt_token_ids) + s.output_token_ids)[index]
+        return (list(s.request.prompt_token_ids) + s.output_token_ids + list(self._extra))[index]

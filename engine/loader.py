@@ -67,6 +67,12 @@ class EngineConfig:
     max_waiting: int = 256
     # the Retry-After hint when overloaded
     retry_after_s: float = 1.0
+    # keep finished requests' cached positions while their slots are not needed; a new request
+    # whose prompt starts with them copies them instead of prefilling (engine/prefix_cache.py)
+    prefix_caching: bool = False
+    # n-gram draft tokens a decoding request may carry, verified in its forward; 0 is off
+    # (engine/speculative.py: it also turns itself off where it does not pay)
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -84,6 +90,11 @@ class EngineConfig:
         check_limits(
             "EngineConfig", self.n_slots, self.token_budget, self.max_waiting, self.retry_after_s
         )
+        if self.speculative_tokens < 0:
+            raise ValueError(
+                f"EngineConfig.speculative_tokens = {self.speculative_tokens} must be >= 0 "
+                f"(0 turns speculative decoding off)"
+            )
 
     def pool(self, max_len: int) -> int:
         """kv_tokens once the artifact has fixed max_len (the default, or the one given)."""
@@ -100,6 +111,8 @@ class EngineConfig:
             retry_after_s=self.retry_after_s,
             compact_slots=compact_slots,
             kv_tokens=self.pool(max_len),
+            prefix_caching=self.prefix_caching,
+            speculative_tokens=self.speculative_tokens,
         )
 
 

@@ -100,3 +100,10 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
     # why the queue head waits: "slot" (every slot taken), "kv_tokens" (the pool lacks room for
     # its prompt + max_tokens), or "" (nobody waits, or only for the next step)
     queue_waiting_for: str = ""
+    # speculative decoding since start: draft tokens verified, and those accepted
+    spec_draft_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
+    spec_acceptance: float = 0.0  # accepted / drafted (0 before any draft, or when off)
+    # prefix caching since start: requests that started from a cached prefix, and its tokens
+    prefix_cache_hits_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0

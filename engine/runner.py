@@ -145,6 +145,14 @@ class StepRunner(ABC):
         self.lengths[dst] = n_tokens
         self.release(src)  # its positions live in dst now
 
+    def copy(self, src: int, dst: int, n_tokens: int) -> None:
+        """Copies slot `src`'s first n_tokens cached positions to slot `dst`, which starts with
+        them; `src` keeps its own (prefix caching: a cached prefix serves several requests)."""
+        if not (0 <= src < self.n_slots and 0 <= dst < self.n_slots and n_tokens <= self.max_len):
+            raise ValueError(f"copy {src} → {dst} of {n_tokens} tokens is outside the cache")
+        self._copy_rows(src, dst, n_tokens)
+        self.lengths[dst] = n_tokens
+
     @abstractmethod
     def _copy_rows(self, src: int, dst: int, n_tokens: int) -> None:
         """The cache copy behind move(), every layer and kind."""
@@ -176,6 +184,8 @@ class StepRunner(ABC):
             self.release(slot)
         for m in step.moves:  # before any forward: the chunks name the slots after the moves
             self.move(m.src, m.dst, m.n_tokens)
+        for c in step.copies:  # cached prefixes, named after the moves
+            self.copy(c.src, c.dst, c.n_tokens)
         forwards: list = [
             *(partial(self._decode, run) for run in _runs(step.decodes, MAX_DUMMY_GAP)),
             *(
@@ -243,12 +253,15 @@ class StepRunner(ABC):
         return [run[r].request_id for r in sampling], logits[sampling]
 
     def _continue(self, chunk: ScheduledChunk) -> tuple[list[str], np.ndarray]:
-        n, start = chunk.n_tokens, chunk.start
+        """A batch-1 forward on the chunk's past. A decode with a draft asks logits for its
+        last 1 + draft positions, one row each under its id (engine/speculative.py)."""
+        n, start, k = chunk.n_tokens, chunk.start, chunk.draft
         ids = np.asarray([chunk.token_ids], np.int64)
         positions = np.arange(start, start + n)[None]
         rows = range(chunk.slot, chunk.slot + 1)
-        logits = self.forward(ids, positions, np.array([start + n - 1]), np.array([n - 1]), rows)
-        return ([chunk.request_id], logits) if chunk.sample else ([], logits[:0])
+        wanted = np.arange(n - 1 - k, n)
+        logits = self.forward(ids, positions, np.array([start + n - 1]), wanted, rows)
+        return ([chunk.request_id] * (k + 1), logits) if chunk.sample else ([], logits[:0])
 
 
 class OrtRunner(StepRunner):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from engine.errors import InvalidRequest, Overloaded
 from engine.kv_cache import KVSlots, KVUsage, check_fits
+from engine.prefix_cache import PrefixCache
 from engine.request import EngineRequest, FinishReason, RequestState, RequestStatus
+from engine.speculative import Speculator
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,19 @@ class SchedulerConfig:
     # while prompt + max_tokens fit what the running ones have not reserved; None: every slot
     # full (n_slots × max_len)
     kv_tokens: int | None = None
+    # keep a finished request's cached positions while its slot is not needed, and start a new
+    # request sharing its prompt's prefix from them (engine/prefix_cache.py)
+    prefix_caching: bool = False
+    # draft tokens a decoding request may carry, proposed from its own prompt and output and
+    # verified in the same forward (engine/speculative.py); 0 turns speculation off
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         owner = "SchedulerConfig"
         check_limits(owner, self.n_slots, self.token_budget, self.max_waiting, self.retry_after_s)
         _at_least(owner, "max_len", self.max_len, 2, "a prompt token and an output token")
         check_kv_tokens(owner, self.kv_tokens, self.n_slots, self.max_len)
+        _at_least(owner, "speculative_tokens", self.speculative_tokens, 0, "0 turns it off")
 
 
 def check_limits(
@@ -83,13 +92,16 @@ def _at_least(owner: str, name: str, value: int, limit: int, why: str) -> None:
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
     """Tokens one request runs this step: `token_ids` go to positions start .. start + n - 1 of
-    `slot`; when `sample` is true the logits of the last one give the request's next token."""
+    `slot`; when `sample` is true the logits of the last one give the request's next token.
+    A decode with a draft (`draft` > 0) ends with that many proposed tokens: the logits of its
+    last 1 + draft positions verify them (engine/speculative.py)."""
 
     request_id: str
     slot: int
     start: int
     token_ids: tuple[int, ...]
     sample: bool
+    draft: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -99,7 +111,8 @@ class ScheduledChunk:
 @dataclass(frozen=True, slots=True)
 class SlotMove:
     """Before this step runs, the cache row of `src` moves to `dst` (its first `n_tokens`
-    positions: what the request has computed so far)."""
+    positions: what the request has computed so far); or, as a copy, `dst` starts with `src`'s
+    first `n_tokens` positions, a prefix `src` keeps (prefix caching)."""
 
     request_id: str
     src: int
@@ -117,9 +130,9 @@ class SchedulerOutput:
     decodes: tuple[ScheduledChunk, ...]
     # the first chunk of a prompt (no past): one batched, right-padded forward
     prefills: tuple[ScheduledChunk, ...]
-    # a later prompt chunk on top of a past (several tokens, or one that does not sample); at
-    # most one per step (see schedule()): ONNX Runtime's CPU GroupQueryAttention runs it only
-    # at batch 1
+    # several tokens on top of a past (a later prompt chunk, a prompt after its cached prefix,
+    # a decode with a draft), or one prompt token that does not sample: ONNX Runtime's CPU
+    # GroupQueryAttention runs each only at batch 1 (see schedule())
     continuations: tuple[ScheduledChunk, ...]
     # requests aborted since the last step; their slots are free again, the runner forgets them
     aborted: tuple[str, ...]
@@ -128,6 +141,8 @@ class SchedulerOutput:
     # slots freed since the last step (finished or aborted): before anything else, the runner
     # gives their memory back (StepRunner.release); one may be taken again in this very step
     released: tuple[int, ...] = ()
+    # cached prefixes copied after the moves, before the forwards (prefix caching)
+    copies: tuple[SlotMove, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -149,6 +164,10 @@ class Scheduler:
         self._states: dict[str, RequestState] = {}  # waiting + running
         self._aborts: dict[str, None] = {}  # an ordered set: applied at the next step boundary
         self._in_flight: dict[str, ScheduledChunk] | None = None  # scheduled, not yet updated
+        self.prefix = PrefixCache() if config.prefix_caching else None
+        self.prefix_hits = self.prefix_hit_tokens = 0  # requests that copied a prefix, tokens
+        k = config.speculative_tokens
+        self.speculator = Speculator(k) if k else None
 
     @property
     def num_waiting(self) -> int:
@@ -167,7 +186,10 @@ class Scheduler:
 
     def usage(self) -> KVUsage:
         waiting_for = self._waiting_for if self._waiting else None
-        return replace(self.kv.usage(), waiting_for=waiting_for)
+        usage = replace(self.kv.usage(), waiting_for=waiting_for)
+        if self.prefix:  # cached slots run nothing (their tokens stay reserved until evicted)
+            usage = replace(usage, slots_used=usage.slots_used - len(self.prefix))
+        return usage
 
     def add(self, request: EngineRequest) -> None:
         """Queue a request; ContextOverflow if it can never fit a slot, Overloaded if the queue
@@ -217,21 +239,38 @@ class Scheduler:
         row (but for the one request part-way through its prompt).
 
         A chunk cut short has used up the budget, so at most one request is ever part-way
-        through its prompt, and a step runs at most one later chunk (several tokens on top of a
-        past). That matters: ONNX Runtime's CPU GroupQueryAttention runs such a chunk only at
-        batch 1, so each one costs the runner a forward of its own.
+        through its prompt, and a step runs at most one later chunk of it (several tokens on top
+        of a past). That matters: ONNX Runtime's CPU GroupQueryAttention runs such a chunk only
+        at batch 1, so each one costs the runner a forward of its own.
+
+        With speculative decoding, a decode in 1. may also carry draft tokens (engine/
+        speculative.py says when) out of the budget left after every decode's token; each such
+        decode is a batch-1 forward too. With prefix caching, an admitted request whose prompt
+        starts with tokens cached in another slot has them copied (`copies`) and its first chunk
+        starts after them; cached slots sit above the running ones and the least recently used
+        is evicted when a slot or pool tokens are needed (engine/prefix_cache.py), and the
+        compaction fills every hole (waiting requests take the slots above).
         """
         if self._in_flight is not None:
             raise RuntimeError("schedule() called again before update() took the last step")
         aborted = self._apply_aborts()
+        if self.prefix is not None:
+            self.prefix.new_step()
         moves = self._compact() if self.config.compact_slots else ()
         budget = self.config.token_budget
         chunks: list[ScheduledChunk] = []
 
         decoding = [s for s in self._running if s.num_tokens - s.num_computed_tokens == 1]
-        for state in decoding:
-            chunks.append(self._chunk(state, 1))
         budget -= len(decoding)
+        if self.speculator is None:
+            for state in decoding:
+                chunks.append(self._chunk(state, 1))
+        else:
+            drafts = self.speculator.drafts(decoding, budget)
+            for state in decoding:
+                draft = drafts.get(state.request_id, ())
+                chunks.append(self._chunk(state, 1, draft))
+                budget -= len(draft)
 
         prefilling = [s for s in self._running if s.num_tokens - s.num_computed_tokens > 1]
         assert len(prefilling) <= 1, "two requests part-way through their prompts"
@@ -242,11 +281,23 @@ class Scheduler:
             budget -= n
 
         self._waiting_for = None
+        copies: list[SlotMove] = []
+        in_place: list[int] = []  # slots whose tokens a request admitted now starts from
         while self._waiting and budget > 0:
             state = self._waiting[0]
             request = state.request
             needed = state.num_prompt_tokens + request.max_tokens
-            slot = self.kv.allocate(state.request_id, needed)
+            if self.prefix is None:
+                slot = self.kv.allocate(state.request_id, needed)
+            else:
+                admission = self.prefix.allocate(self.kv, state, needed, self._running)
+                slot = None if admission is None else admission.slot
+                if admission is not None:
+                    copies += (SlotMove(state.request_id, *c) for c in admission.copies)
+                    in_place += admission.keep
+                    state.num_computed_tokens = admission.start
+                    self.prefix_hits += admission.start > 0
+                    self.prefix_hit_tokens += admission.start
             if slot is None:
                 # FIFO: nobody overtakes the head; it starts when a slot and tokens free
                 self._waiting_for = self.kv.no_room(needed)
@@ -254,7 +305,7 @@ class Scheduler:
             self._waiting.popleft()
             state.status, state.slot = RequestStatus.RUNNING, slot
             self._running.append(state)
-            n = min(state.num_prompt_tokens, budget)
+            n = min(state.num_prompt_tokens - state.num_computed_tokens, budget)
             chunks.append(self._chunk(state, n))
             budget -= n
 
@@ -271,13 +322,15 @@ class Scheduler:
             ),
             aborted=aborted,
             moves=moves,
-            released=self.kv.take_released(),
+            released=self._released(moves, in_place),
+            copies=tuple(copies),
         )
 
-    def update(self, sampled: Mapping[str, int | None]) -> list[RequestState]:
+    def update(self, sampled: Mapping[str, int | Sequence[int] | None]) -> list[RequestState]:
         """Take the step's result, {request_id: sampled token, or None for a chunk that does
-        not sample}. Returns the states that gained a token, finished ones included (their
-        finish_reason set and slot freed)."""
+        not sample; for a decode with a draft, the tokens its verification emitted}. Returns the
+        states that gained tokens, finished ones included (their finish_reason set and slot
+        freed)."""
         if self._in_flight is None:
             raise RuntimeError("update() called without a scheduled step")
         in_flight, self._in_flight = self._in_flight, None
@@ -289,13 +342,17 @@ class Scheduler:
             if rid in self._aborts:
                 continue  # dropped: the client asked to stop; freed at the next boundary
             state = self._states[rid]
-            state.num_computed_tokens += chunk.n_tokens
             token = sampled.get(rid)
             if (token is None) == chunk.sample:
                 raise ValueError(
                     f"request {rid!r}: sample={chunk.sample} this step but the runner gave "
                     f"token {token!r}"
                 )
+            if chunk.draft:
+                self._take_verified(state, chunk, token)
+                updated.append(state)
+                continue
+            state.num_computed_tokens += chunk.n_tokens
             if token is None:
                 continue
             state.output_token_ids.append(token)
@@ -306,27 +363,56 @@ class Scheduler:
             updated.append(state)
         return updated
 
-    def _chunk(self, state: RequestState, n: int) -> ScheduledChunk:
+    def _take_verified(self, state: RequestState, chunk: ScheduledChunk, tokens: Sequence[int]):
+        """A verified draft's emitted tokens (its accepted drafts, then the next token), up to a
+        stop token or max_tokens. The last input and each accepted draft are now computed; the
+        rejected positions past them are overwritten by later steps."""
+        assert self.speculator is not None and 1 <= len(tokens) <= chunk.draft + 1, tokens
+        self.speculator.verified(state.request_id, chunk.draft, len(tokens) - 1)
+        request, output = state.request, state.output_token_ids
+        for token in tokens:
+            output.append(token)
+            state.num_computed_tokens += 1
+            if token in request.stop_token_ids:
+                self._finish(state, FinishReason.STOP)
+                return
+            if len(output) >= request.max_tokens:
+                self._finish(state, FinishReason.LENGTH)
+                return
+
+    def _chunk(self, state: RequestState, n: int, draft: tuple[int, ...] = ()) -> ScheduledChunk:
         start = state.num_computed_tokens
         assert state.slot is not None and n >= 1
         return ScheduledChunk(
             request_id=state.request_id,
             slot=state.slot,
             start=start,
-            token_ids=state.token_ids(start, start + n),
+            token_ids=state.token_ids(start, start + n) + draft,
             sample=start + n == state.num_tokens,
+            draft=len(draft),
         )
 
     def _finish(self, state: RequestState, reason: FinishReason) -> None:
+        rid = state.request_id
         if state.status is RequestStatus.WAITING:
             self._waiting.remove(state)
         else:
             self._running.remove(state)
-            self.kv.free(state.request_id)
-        del self._states[state.request_id]
+            if self.speculator is not None:
+                self.speculator.forget(rid)
+            self.kv.free(rid)
+            if self.prefix is not None:
+                tokens = state.token_ids(0, state.num_computed_tokens)
+                self.prefix.keep(self.kv, rid, state.slot, tokens)
+        del self._states[rid]
         state.status, state.finish_reason, state.slot = RequestStatus.FINISHED, reason, None
 
     def _compact(self) -> tuple[SlotMove, ...]:
+        if self.prefix is not None:
+            return tuple(
+                SlotMove(s.request_id, src, dst, s.num_computed_tokens)
+                for s, src, dst in self.prefix.compact(self.kv, self._running)
+            )
         moves = []
         # the lowest free slots are left to the waiting requests: they take them with no copy
         for rid, src, dst in self.kv.compact(reserve=len(self._waiting)):
@@ -334,6 +420,16 @@ class Scheduler:
             state.slot = dst
             moves.append(SlotMove(rid, src, dst, state.num_computed_tokens))
         return tuple(moves)
+
+    def _released(self, moves: tuple[SlotMove, ...], in_place: list[int]) -> tuple[int, ...]:
+        released = self.kv.take_released()
+        if self.prefix is None or not released:
+            return released
+        # prefix caching frees and allocates again what keeps its tokens: a finished request's
+        # slot kept as an entry, an entry taken over in place, and a move's source (released by
+        # the runner's move, after the copy)
+        kept = {m.src for m in moves}.union(in_place)
+        return tuple(slot for slot in self.prefix.held(released) if slot not in kept)
 
     def _apply_aborts(self) -> tuple[str, ...]:
         aborted = tuple(self._aborts)

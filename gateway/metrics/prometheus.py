@@ -99,6 +99,11 @@ class GatewayMetrics:
         self.kv_cache_usage_ratio = gauge(
             "kv_cache_usage_ratio", "Reserved KV-cache tokens / capacity (0..1)", ["model"]
         )
+        self.spec_acceptance_ratio = gauge(
+            "spec_decode_acceptance_ratio",
+            "Speculative draft tokens accepted / drafted since the engine started (0..1)",
+            ["model"],
+        )
 
         # serverless lifecycle
         self.model_loaded = gauge(
@@ -135,6 +140,7 @@ class GatewayMetrics:
         self.queue_depth.labels(model).set(stats.queue_depth)
         self.running_requests.labels(model).set(stats.slots_used)
         self.kv_cache_usage_ratio.labels(model).set(stats.kv_usage)
+        self.spec_acceptance_ratio.labels(model).set(stats.spec_acceptance)
 
     def model_up(self, model: str, version: str, load_s: float) -> None:
         """A model version finished loading in `load_s` seconds."""
@@ -144,7 +150,12 @@ class GatewayMetrics:
     def model_down(self, model: str, version: str) -> None:
         """A model version was unloaded; its engine gauges are dropped, not left stale."""
         self.model_loaded.labels(model, version).set(0)
-        for gauge in (self.queue_depth, self.running_requests, self.kv_cache_usage_ratio):
+        for gauge in (
+            self.queue_depth,
+            self.running_requests,
+            self.kv_cache_usage_ratio,
+            self.spec_acceptance_ratio,
+        ):
             with suppress(KeyError):  # never observed
                 gauge.remove(model)
 
