@@ -3,6 +3,7 @@ seeded output identical, and the rejection rule's distribution, tested statistic
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 
@@ -12,6 +13,7 @@ from prometheus_client import generate_latest
 from tokenizers import Tokenizer
 
 from engine.async_engine import AsyncEngine
+from engine.cli import add_engine_arguments, engine_config
 from engine.loader import EngineConfig, open_core
 from engine.request import EngineRequest, RequestState, SamplingParams
 from engine.sampler import Sampler, make_generator
@@ -263,3 +265,16 @@ def test_the_acceptance_rate_reaches_the_engine_stats_and_metrics(tiny_package, 
     metrics.observe_engine("tiny", stats)
     text = generate_latest(metrics.registry).decode()
     assert f'aimass_spec_decode_acceptance_ratio{{model="tiny"}} {stats.spec_acceptance}' in text
+
+
+def test_the_cli_flags_reach_the_engine_config():
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    config = engine_config(parser.parse_args(["--speculative-tokens", "4", "--prefix-caching"]))
+    assert config.speculative_tokens == 4 and config.prefix_caching
+    assert config.scheduler(128).speculative_tokens == 4
+    assert config.scheduler(128).prefix_caching
+    default = engine_config(parser.parse_args([]))
+    assert default.speculative_tokens == 0 and not default.prefix_caching
+    with pytest.raises(ValueError, match=r"speculative_tokens = -1 must be >= 0"):
+        EngineConfig(speculative_tokens=-1)
