@@ -161,7 +161,7 @@ class EngineCore:
         updated = self.scheduler.update(sampled)
         # finished requests' slots give their cache memory back now, not at the next step,
         # which an engine that has gone idle never runs
-        for slot in self.scheduler.kv.take_released():
+        for slot in self.scheduler.take_released():
             self.runner.release(slot)
         for state in updated:
             if state.finish_reason is not None:

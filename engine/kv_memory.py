@@ -80,7 +80,8 @@ class HostKV:
 
     def resident_bytes(self) -> int:
         """The bytes of the mapping resident now (mincore), or all of it where the kernel
-        cannot say (not Linux)."""
+        cannot say (not Linux). A page only read since its release maps the shared zero page,
+        which mincore counts and RSS does not; the engine reads only written positions."""
         if sys.platform != "linux":
             return self.nbytes
         pages = self.nbytes // PAGE

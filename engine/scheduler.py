@@ -421,6 +421,12 @@ class Scheduler:
             moves.append(SlotMove(rid, src, dst, state.num_computed_tokens))
         return tuple(moves)
 
+    def take_released(self) -> tuple[int, ...]:
+        """The slots freed since the last step whose positions nobody will read again (not kept
+        as a cached prefix), for the runner to give their memory back right after update():
+        an engine gone idle runs no next step to release them."""
+        return self._released((), [])
+
     def _released(self, moves: tuple[SlotMove, ...], in_place: list[int]) -> tuple[int, ...]:
         released = self.kv.take_released()
         if self.prefix is None or not released:

@@ -1,11 +1,11 @@
-"""KV slot bookkeeping: lowest slot first, "no room" as None, usage in tokens."""
+"""KV slot bookkeeping: lowest slot first, "no room" as None (and why), a pool of tokens."""
 
 from __future__ import annotations
 
 import pytest
 
 from engine.errors import ContextOverflow
-from engine.kv_cache import KVSlots, check_fits
+from engine.kv_cache import WAIT_KV_TOKENS, WAIT_SLOT, KVSlots, check_fits
 
 
 def test_slots_are_handed_out_lowest_first_and_none_when_full():
@@ -59,3 +59,24 @@ def test_compaction_leaves_the_lowest_holes_to_requests_about_to_be_admitted():
     assert kv.allocate("g", 10) == 1
     assert sorted(kv.slot_of(r) for r in "aefg") == [0, 1, 2, 3]
     assert kv.compact(reserve=5) == []  # more waiting than holes: nothing to move
+
+
+def test_the_pool_reserves_prompt_plus_max_tokens_and_says_what_ran_out():
+    kv = KVSlots(n_slots=3, max_len=100, kv_tokens=150)
+    assert kv.allocate("a", 100) == 0
+    assert kv.no_room(60) == WAIT_KV_TOKENS and kv.allocate("b", 60) is None
+    assert kv.allocate("b", 50) == 1  # exactly full
+    usage = kv.usage()
+    assert (usage.tokens_reserved, usage.token_capacity, usage.fraction) == (150, 150, 1.0)
+    kv.free("a")
+    assert kv.allocate("c", 100) == 0 and kv.allocate("d", 0) == 2
+    assert kv.no_room(1) == WAIT_SLOT  # every slot taken comes first
+    assert kv.take_released() == (0,) and kv.take_released() == ()
+
+
+def test_a_pool_outside_one_request_to_every_slot_full_is_refused():
+    with pytest.raises(ValueError, match=r"kv_tokens=99 must be in max_len=100 .. .* = 300"):
+        KVSlots(n_slots=3, max_len=100, kv_tokens=99)
+    with pytest.raises(ValueError, match=r"kv_tokens=301"):
+        KVSlots(n_slots=3, max_len=100, kv_tokens=301)
+    assert KVSlots(n_slots=3, max_len=100).usage().token_capacity == 300
