@@ -65,6 +65,7 @@ bench: venv
 	$(BIN)/python benchmarks/export_step.py
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/gateway.py
+	$(BIN)/python benchmarks/peers.py
 
 lint: venv
 	$(BIN)/ruff check .
