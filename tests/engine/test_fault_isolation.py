@@ -4,6 +4,7 @@ alone; only a failing forward ends the engine. In-process and over the engine se
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from tokenizers import Tokenizer
@@ -127,6 +128,9 @@ def test_a_failing_choice_ends_every_choice_of_its_request(tiny_package, tok):
 @pytest.mark.parametrize("kind", ["local", "remote"])
 def test_a_failing_forward_ends_every_stream_with_engine_dead(tiny_package, tok, kind):
     calls = {"n": 0}
+    # the forward fails only once every stream is in: a submit that lost the race to the failure
+    # would be refused with EngineDead instead of streaming (seen over the socket under load)
+    all_in = threading.Event()
 
     def flaky_forward(engine: AsyncEngine) -> None:
         execute = engine.core.execute
@@ -134,6 +138,7 @@ def test_a_failing_forward_ends_every_stream_with_engine_dead(tiny_package, tok,
         def flaky(plan):
             calls["n"] += 1
             if calls["n"] == 4:
+                all_in.wait(30)
                 raise RuntimeError("device lost")
             return execute(plan)
 
@@ -144,6 +149,7 @@ def test_a_failing_forward_ends_every_stream_with_engine_dead(tiny_package, tok,
             streams = [
                 await engine.submit(req(tok, f"r{i}", "class", 20, temperature=0)) for i in range(3)
             ]
+            all_in.set()
             for s in streams:
                 with pytest.raises(EngineDead, match="device lost"):
                     await events(s)
