@@ -44,6 +44,8 @@ from trainer.config import ModelConfig
 from trainer.errors import TrainerError
 from trainer.model import Transformer
 
+RESCORED = 8  # logits per row an approximate head recomputes exactly (its top ones)
+
 
 def scheme(blocks: dict[str, BlockWeight], cfg: ModelConfig, bits: int) -> str | None:
     """ "gguf-<kinds>" when `blocks` cover every MatMul of the graph and every projection's are
@@ -87,9 +89,13 @@ def apply_blocks(
     cfg: ModelConfig,
     bits: int,
     accuracy_level: int,
+    head_accuracy_level: int,
 ) -> tuple[onnx.ModelProto, Quantization]:
     """A copy of the fp32 ORT graph `proto` whose MatMuls (and a Q8_0 embedding's Gather) run
-    from `blocks`, and what it holds. Raises ExportError unless `scheme` accepts the blocks."""
+    from `blocks`, and what it holds. The projections compute at `accuracy_level`, the head at
+    `head_accuracy_level`; a Q8_0 head computed approximately (not 0) has its top RESCORED
+    logits recomputed exactly (`_rescored`). Raises ExportError unless `scheme` accepts the
+    blocks."""
     table = matmul_weights(cfg)
     kind = scheme(blocks, cfg, bits)
     if kind is None:
@@ -103,7 +109,12 @@ def apply_blocks(
     for node in g.node:
         if node.op_type == "MatMul" and node.input[1] in table:
             parts = [blocks[n] for n in table[node.input[1]]]
-            new_nodes, new_inits = matmul_nbits(node, parts, accuracy_level)
+            head = node.input[1] == "lm_head.weight"
+            level = head_accuracy_level if head else accuracy_level
+            if head and level != 0 and parts[0].kind == "q8_0":
+                new_nodes, new_inits = _rescored(node, parts[0], level)
+            else:
+                new_nodes, new_inits = matmul_nbits(node, parts, level)
             replaced.add(node.input[1])
         elif node.op_type == "Gather" and node.input[0] == EMBEDDING and _gatherable(blocks):
             new_nodes, new_inits = _gather(node, blocks[EMBEDDING])
@@ -193,6 +204,58 @@ def matmul_nbits(node, parts: list[BlockWeight], accuracy_level: int):
             "MatMul", [f"{y}.block_sums", f"{name}.minima"], [f"{y}.minima"], name=f"{name}.min"
         ),
         helper.make_node("Add", [f"{y}.blocks", f"{y}.minima"], [y], name=f"{name}.add_min"),
+    ]
+    return nodes, inits
+
+
+def _rescored(node, b: BlockWeight, accuracy_level: int):
+    """The Q8_0 head at `accuracy_level`, then its RESCORED largest logits of each row
+    recomputed in fp32 from the exact rows (GatherBlockQuantized of the same blocks) and put
+    back: the argmax and the likeliest tokens' logits are the exact weights', at the cost of a
+    TopK and RESCORED dot products per row instead of a fp32 pass over the whole head."""
+    x, (y,) = node.input[0], node.output
+    approx = helper.make_node("MatMul", [x, node.input[1]], [f"{y}.approx"], name=node.name)
+    nodes, inits = matmul_nbits(approx, [b], accuracy_level)
+    rows, cols = b.shape
+    inits += [
+        numpy_helper.from_array(b.codes().reshape(rows, cols), "lm_head.rows"),
+        numpy_helper.from_array(b.d.astype(np.float32), "lm_head.row_scales"),
+        numpy_helper.from_array(np.array([RESCORED], np.int64), "lm_head.k"),
+        numpy_helper.from_array(np.array([1], np.int64), "lm_head.axis1"),
+        numpy_helper.from_array(np.array([-1], np.int64), "lm_head.axis_last"),
+    ]
+    p = "lm_head.rescore"
+    nodes += [
+        helper.make_node(
+            "TopK", [f"{y}.approx", "lm_head.k"], [f"{p}.values", f"{p}.ids"], name=f"{p}.topk"
+        ),  # (N, k)
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["lm_head.rows", f"{p}.ids", "lm_head.row_scales"],
+            [f"{p}.rows"],  # (N, k, D)
+            name=f"{p}.rows",
+            domain=MS_DOMAIN,
+            bits=8,
+            block_size=BLOCK,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+        helper.make_node("Unsqueeze", [x, "lm_head.axis1"], [f"{p}.x"], name=f"{p}.x"),  # (N, 1, D)
+        helper.make_node("Mul", [f"{p}.x", f"{p}.rows"], [f"{p}.prod"], name=f"{p}.mul"),
+        helper.make_node(
+            "ReduceSum",
+            [f"{p}.prod", "lm_head.axis_last"],
+            [f"{p}.exact"],
+            name=f"{p}.sum",
+            keepdims=0,
+        ),  # (N, k)
+        helper.make_node(
+            "ScatterElements",
+            [f"{y}.approx", f"{p}.ids", f"{p}.exact"],
+            [y],
+            name=f"{p}.put",
+            axis=1,
+        ),  # (N, V)
     ]
     return nodes, inits
 

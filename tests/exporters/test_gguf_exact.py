@@ -120,7 +120,8 @@ def test_scheme_needs_every_projection_at_the_target_width(gguf_checkpoint):
 
 def test_int4_export_from_gguf_blocks_equals_eager(gguf_checkpoint, tmp_path, monkeypatch):
     # accuracy level 0: every MatMulNBits computes in fp32, so the graph must equal eager
-    monkeypatch.setattr(targets, "QUANT_ACCURACY_LEVEL", 0)
+    monkeypatch.setattr(targets, "GGUF_ACCURACY_LEVEL", 0)
+    monkeypatch.setattr(targets, "GGUF_HEAD_ACCURACY_LEVEL", 0)
     # force: the int8 round-to-nearest of this random model may miss the gate; int4 must not
     pkg = export(
         gguf_checkpoint, ["onnx-int4", "onnx-int8"], tmp_path / "pkg", max_len=64, force=True
@@ -154,3 +155,22 @@ def test_int4_export_from_gguf_blocks_equals_eager(gguf_checkpoint, tmp_path, mo
     diff = np.abs(got - want).max()
     print(f"GGUF Q4_1/Q8_0 int4 graph at accuracy level 0 vs eager: max |logit diff| {diff:.2g}")
     assert diff <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_served_levels_keep_the_argmax_and_top_logits_exact(gguf_checkpoint, tmp_path):
+    """As exported by default: fp32 projections, the Q8_0 head at accuracy level 4 with its top
+    logits recomputed from the exact rows, so greedy decoding is the reference's."""
+    pkg = export(gguf_checkpoint, ["onnx-int4"], tmp_path / "pkg", max_len=64)
+    q4 = load(pkg).artifact("onnx-int4").quantization
+    assert q4.accuracy_level == targets.GGUF_ACCURACY_LEVEL
+    model, tokenizer, _ = load_model(gguf_checkpoint)
+    ids = tokenizer.encode(CORPUS[2])[:48]
+    got = OrtDecoder(pkg / "onnx-int4" / "model.onnx", max_batch=1, max_len=64, threads=1).logits(
+        ids[:40], ids[40:]
+    )
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    rows = np.arange(len(ids))[:, None]
+    top = np.argsort(-want, axis=-1)[:, : gguf_blocks.RESCORED // 2]
+    assert np.abs(got[rows, top] - want[rows, top]).max() <= 1e-4 * np.abs(want).max()
