@@ -13,9 +13,9 @@ checkpoint already holds the file's exact dequantized weights). Measured against
   llama.cpp's `llama-perplexity --kl-divergence` (mean/median/99th percentile/max KL, "Same top
   p"), computed from full-precision log-softmax rather than its 16-bit stored base.
 
-The gate (`_failure`): a target passes when its perplexity is at most MAX_PPL_INCREASE above the
-reference's and its top-1 agreement is at least MIN_TOP1_AGREEMENT; an exact target must also
-decode greedily token for token as eager PyTorch does.
+The gate (`gate_failure`): a target passes when its perplexity is at most MAX_PPL_INCREASE
+above the reference's and its top-1 agreement is at least MIN_TOP1_AGREEMENT; an exact target
+must also decode greedily token for token as eager PyTorch does.
 """
 
 from __future__ import annotations
