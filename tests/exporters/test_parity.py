@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from exporters import parity
+from exporters import fidelity
+from exporters.fidelity import FidelityMeter
 from exporters.parity import (
     MAX_PPL_INCREASE,
     MIN_TOP1_AGREEMENT,
-    FidelityMeter,
     check_parity,
     gate_failure,
     held_out_text,
@@ -109,7 +109,7 @@ def test_chunked_figures_equal_one_block(monkeypatch):
     ids = rng.integers(0, 20, 37)
     whole = FidelityMeter()
     whole.add(ref, got, ids)
-    monkeypatch.setattr(parity, "FIDELITY_CHUNK", 4)
+    monkeypatch.setattr(fidelity, "FIDELITY_CHUNK", 4)
     chunked = FidelityMeter()
     chunked.add(ref[:10], got[:10], ids[:10])  # and over several calls
     chunked.add(ref[10:], got[10:], ids[10:])
