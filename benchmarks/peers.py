@@ -193,7 +193,7 @@ def our_packages(work: Path, targets: list[str], max_len: int) -> dict[str, dict
         out[target] = {
             "package": folder,
             "parity": parity,
-            "bytes": sum(a.size for a in manifest.artifacts),
+            "bytes": sum(f.size for a in manifest.artifacts for f in a.files),
         }
     return out
 
