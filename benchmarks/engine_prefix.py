@@ -52,7 +52,11 @@ def main(argv=None) -> int:
     package = bench.build_package(
         resolve_model(args.model), aimass_home() / "bench", args.precision, max_len
     )
-    config = dict(n_slots=8, threads=args.threads, max_len=max_len, token_budget=512)
+    # the pool holds every slot full: the rounds leave one cached prefix each, and a pool that
+    # holds fewer evicts the one the next round reads (LRU)
+    config = dict(
+        n_slots=8, threads=args.threads, max_len=max_len, token_budget=512, kv_tokens=8 * max_len
+    )
     cached = open_core(package, EngineConfig(**config, prefix_caching=True))[0]
     plain = open_core(package, EngineConfig(**config))[0]
     rng = random.Random(0)

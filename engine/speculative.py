@@ -44,11 +44,12 @@ NGRAM_MAX, NGRAM_MIN = 3, 1  # the suffix lengths looked up, longest first
 # Each speculating request costs a batch-1 forward (see the module doc); above this many
 # decoding requests a plain batched decode is cheaper (benchmarks/engine_speculative.py)
 SPEC_MAX_BATCH = 1
-WINDOW = 32  # drafted tokens a request's acceptance is judged over
-# A verify forward of 1 + k positions costs ~1.1-1.3× a one-token decode at batch 1 (SmolLM2-135M,
-# 2 cores), so a draft pays once it yields ~0.3 accepted tokens: below this rate it does not
-MIN_ACCEPTANCE = 0.1
-PAUSE_STEPS = 64  # decode steps a request with a low acceptance goes without drafts
+WINDOW = 16  # drafted tokens a request's acceptance is judged over
+# A verify forward of 1 + 4 positions cost ~1.65x a one-token decode at batch 1 (SmolLM2-135M
+# int4, 2 cores, benchmarks/engine_speculative.py): a draft of 4 pays once ~0.65 of its tokens
+# are accepted, 16%; below 20% it does not
+MIN_ACCEPTANCE = 0.2
+PAUSE_STEPS = 32  # decode steps a request with a low acceptance goes without drafts
 
 
 class NgramIndex:
