@@ -24,7 +24,12 @@ and 16..31 in their high ones; MatMulNBits packs element 2i low and 2i+1 high. `
 
 With accuracy_level 0 every op computes in fp32 from the exact dequantized weights, so logits
 equal eager PyTorch on the checkpoint's fp32 weights within fp32 rounding (tests/exporters/
-test_gguf_exact.py); the served level is QUANT_ACCURACY_LEVEL (exporters/targets.py).
+test_gguf_exact.py). Level 4 (int8 activations, per block of 32, as llama.cpp's own Q8_1 dot
+products) is faster but costs SmolLM2 3.7 points of top-1 agreement with the exact weights, so
+the served levels (exporters/targets.py GGUF_*_ACCURACY_LEVEL) are 0 for the 4-bit projections
+and 4 for the 8-bit head, the one 8-bit path ORT's CPU kernel runs fast, whose top RESCORED
+logits per row are then recomputed in fp32 from the same blocks (`_rescored`): greedy decoding
+and the likeliest tokens' probabilities are the exact weights'.
 """
 
 from __future__ import annotations
@@ -112,7 +117,8 @@ def apply_blocks(
             head = node.input[1] == "lm_head.weight"
             level = head_accuracy_level if head else accuracy_level
             if head and level != 0 and parts[0].kind == "q8_0":
-                new_nodes, new_inits = _rescored(node, parts[0], level)
+                source = table[node.input[1]][0]  # a tied head: the embedding's own table
+                new_nodes, new_inits = _rescored(node, parts[0], source, level)
             else:
                 new_nodes, new_inits = matmul_nbits(node, parts, level)
             replaced.add(node.input[1])
@@ -208,7 +214,7 @@ def matmul_nbits(node, parts: list[BlockWeight], accuracy_level: int):
     return nodes, inits
 
 
-def _rescored(node, b: BlockWeight, accuracy_level: int):
+def _rescored(node, b: BlockWeight, source: str, accuracy_level: int):
     """The Q8_0 head at `accuracy_level`, then its RESCORED largest logits of each row
     recomputed in fp32 from the exact rows (GatherBlockQuantized of the same blocks) and put
     back: the argmax and the likeliest tokens' logits are the exact weights', at the cost of a
@@ -216,10 +222,8 @@ def _rescored(node, b: BlockWeight, accuracy_level: int):
     x, (y,) = node.input[0], node.output
     approx = helper.make_node("MatMul", [x, node.input[1]], [f"{y}.approx"], name=node.name)
     nodes, inits = matmul_nbits(approx, [b], accuracy_level)
-    rows, cols = b.shape
+    inits += [*_rows_table(b, source)]
     inits += [
-        numpy_helper.from_array(b.codes().reshape(rows, cols), "lm_head.rows"),
-        numpy_helper.from_array(b.d.astype(np.float32), "lm_head.row_scales"),
         numpy_helper.from_array(np.array([RESCORED], np.int64), "lm_head.k"),
         numpy_helper.from_array(np.array([1], np.int64), "lm_head.axis1"),
         numpy_helper.from_array(np.array([-1], np.int64), "lm_head.axis_last"),
@@ -231,7 +235,7 @@ def _rescored(node, b: BlockWeight, accuracy_level: int):
         ),  # (N, k)
         helper.make_node(
             "GatherBlockQuantized",
-            ["lm_head.rows", f"{p}.ids", "lm_head.row_scales"],
+            [f"{source}.qweight", f"{p}.ids", f"{source}.scales"],
             [f"{p}.rows"],  # (N, k, D)
             name=f"{p}.rows",
             domain=MS_DOMAIN,
@@ -273,13 +277,19 @@ def _gatherable(blocks: dict[str, BlockWeight]) -> bool:
     return EMBEDDING in blocks and blocks[EMBEDDING].kind == "q8_0"
 
 
+def _rows_table(b: BlockWeight, source: str) -> list:
+    """GatherBlockQuantized's data and scales of Q8_0 blocks, named after the weight they hold
+    (so that a tied model's embedding and head share one table)."""
+    rows, cols = b.shape
+    return [
+        numpy_helper.from_array(b.codes().reshape(rows, cols), f"{source}.qweight"),
+        numpy_helper.from_array(b.d.astype(np.float32), f"{source}.scales"),
+    ]
+
+
 def _gather(node, b: BlockWeight):
     """Gather(table, ids) → GatherBlockQuantized from Q8_0 blocks."""
-    rows, cols = b.shape
-    inits = [
-        numpy_helper.from_array(b.codes().reshape(rows, cols), f"{EMBEDDING}.qweight"),
-        numpy_helper.from_array(b.d.astype(np.float32), f"{EMBEDDING}.scales"),
-    ]
+    inits = _rows_table(b, EMBEDDING)
     new = helper.make_node(
         "GatherBlockQuantized",
         [f"{EMBEDDING}.qweight", node.input[1], f"{EMBEDDING}.scales"],
