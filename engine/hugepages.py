@@ -8,13 +8,18 @@ weights and the KV cache with malloc, never asks. So the runner does, once, afte
 
     before = anonymous_regions()        # the process's private anonymous mappings
     ... create the session ...
-    report = back_with_huge_pages(before)
+    advised = advise_huge_pages(before)   # cheap: later faults there take huge pages
     ... map the KV cache (engine/kv_memory.py): collapsing it would make all of it resident
+    ... after the first forward, on a thread of its own:
+    report = advised.collapse()
 
 Every private anonymous mapping that is new or has grown since `before` (glibc's heap, where
 most prepacked weights land, its per-allocation mmaps, ONNX Runtime's arena chunks) is madvised
 MADV_HUGEPAGE, so later faults there take huge pages, then MADV_COLLAPSE (Linux 6.1+), which
 rebuilds what is already resident as huge pages now rather than whenever khugepaged gets to it.
+The collapse copies every resident page (0.3-0.5 s for SmolLM2-135M int4, 2 busy cores): the
+runner runs it after its first forward, so that a cold start's first token does not wait for
+it (`back_with_huge_pages` does both at once).
 File mappings are left alone: ONNX Runtime maps an external-data file, and an embedding table
 read row by row from it stays mostly not resident; collapsing it would read it all in.
 
@@ -42,10 +47,16 @@ class HugePages:
     advised_bytes: int  # madvised MADV_HUGEPAGE: the 2 MiB-aligned parts of new mappings
     huge_bytes: int  # backed by huge pages right after (AnonHugePages gained there)
     skipped: str | None = None  # why nothing was done, when nothing was
+    pending: bool = False  # advised; the collapse is still to run (Collapse)
 
     def describe(self) -> str:
         if self.skipped:
             return f"huge pages: none ({self.skipped})"
+        if self.pending:
+            return (
+                f"huge pages: {self.advised_bytes >> 20} MiB of weights advised, collapsed to "
+                f"2 MiB pages after the first forward"
+            )
         return (
             f"huge pages: {self.huge_bytes >> 20} MiB of weights and cache on 2 MiB pages "
             f"({self.advised_bytes >> 20} MiB advised)"
@@ -87,9 +98,47 @@ def thp_unavailable() -> str | None:
 def back_with_huge_pages(before: set[tuple[int, int]]) -> HugePages:
     """madvise every private anonymous mapping not in `before` (new or grown) to huge pages and
     collapse what is already resident; see the module docstring."""
+    advised = advise_huge_pages(before)
+    return advised.report if advised.report.skipped else advised.collapse()
+
+
+class Advised:
+    """Mappings advised MADV_HUGEPAGE whose resident pages are still to be collapsed: the
+    collapse (~0.3-0.5 s for SmolLM2-135M int4, a copy of every resident page) is work a cold
+    start's first token does not need, so a runner runs it after its first forward."""
+
+    def __init__(self, ranges: list[tuple[int, int]], report: HugePages):
+        self.ranges, self.report = ranges, report
+
+    def collapse(self) -> HugePages:
+        """MADV_COLLAPSE over the advised ranges → what it achieved. The kernel collapses
+        under concurrent use of the memory, so a forward may run meanwhile."""
+        if not self.ranges:
+            return self.report
+        libc = _libc()
+        huge_before = _anon_huge_bytes(self.ranges)
+        for lo, hi in self.ranges:
+            # a failure leaves the advice standing: EINVAL on a kernel before 6.1 (khugepaged
+            # then collapses the pages in its own time), EAGAIN / ENOMEM when no huge page is
+            # free now
+            libc.madvise(lo, hi - lo, MADV_COLLAPSE)
+        gained = max(0, _anon_huge_bytes(self.ranges) - huge_before)
+        return HugePages(self.report.advised_bytes, gained)
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def advise_huge_pages(before: set[tuple[int, int]]) -> Advised:
+    """madvise every private anonymous mapping not in `before` (new or grown) MADV_HUGEPAGE,
+    so that later faults there take huge pages; collapsing what is resident is left to
+    `Advised.collapse()`."""
     skipped = thp_unavailable()
     if skipped:
-        return HugePages(0, 0, skipped)
+        return Advised([], HugePages(0, 0, skipped))
     try:
         page = int((_THP / "hpage_pmd_size").read_text())
     except (OSError, ValueError):
@@ -100,19 +149,15 @@ def back_with_huge_pages(before: set[tuple[int, int]]) -> HugePages:
         if hi > lo:
             ranges.append((lo, hi))
     if not ranges:
-        return HugePages(0, 0, "the load mapped no new anonymous memory of a huge page or more")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    huge_before = _anon_huge_bytes(ranges)
-    advised = 0
+        nothing = "the load mapped no new anonymous memory of a huge page or more"
+        return Advised([], HugePages(0, 0, nothing))
+    libc = _libc()
+    advised = []
     for lo, hi in ranges:
-        if libc.madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
-            continue  # e.g. a mapping another thread unmapped meanwhile
-        advised += hi - lo
-        # a failure leaves the advice standing: EINVAL on a kernel before 6.1 (khugepaged then
-        # collapses the pages in its own time), EAGAIN / ENOMEM when no huge page is free now
-        libc.madvise(lo, hi - lo, MADV_COLLAPSE)
-    return HugePages(advised, max(0, _anon_huge_bytes(ranges) - huge_before))
+        if libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:  # else e.g. unmapped meanwhile
+            advised.append((lo, hi))
+    total = sum(hi - lo for lo, hi in advised)
+    return Advised(advised, HugePages(total, 0, pending=True))
 
 
 def _anon_huge_bytes(ranges: list[tuple[int, int]]) -> int:

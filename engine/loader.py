@@ -7,6 +7,7 @@ the field, the value and the limit.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,11 @@ def _open_runner(
     )
 
 
+def _token_bytes(package_dir: Path) -> tuple[str, TokenBytes]:
+    text = (package_dir / "tokenizer.json").read_text(encoding="utf-8")
+    return text, TokenBytes(text)
+
+
 def open_core(
     package_dir: str | Path, config: EngineConfig = EngineConfig()
 ) -> tuple[EngineCore, EngineInfo]:
@@ -188,9 +194,6 @@ def open_core(
         check_version(artifact.graph_version, source)
     except UnsupportedGraph as e:
         raise LoadError(str(e)) from None
-    problems = check_files(package_dir, [*manifest.tokenizer.files, *artifact.files])
-    if problems:
-        raise LoadError(f"{package_dir} is damaged: {'; '.join(problems)}")
     max_len = config.max_len or artifact.max_len
     if max_len > artifact.max_len:
         raise LoadError(
@@ -201,16 +204,29 @@ def open_core(
         check_kv_tokens("EngineConfig", config.pool(max_len), config.n_slots, max_len)
     except ValueError as e:
         raise LoadError(str(e)) from None
-    try:
-        runner = _open_runner(package_dir, artifact, config, max_len)
-    except ProviderUnavailable as e:
-        raise LoadError(f"{artifact.target}: {e}") from None
-    except UnsupportedGraph as e:  # it names the file; the package and target say more
-        raise LoadError(str(UnsupportedGraph(e.version, source))) from None
-    tokenizer_json = (package_dir / "tokenizer.json").read_text(encoding="utf-8")
-    core = EngineCore(
-        runner, config.scheduler(max_len, runner.can_move), TokenBytes(tokenizer_json)
-    )
+    # the file check (hashing, without the GIL) and the token table run beside the session's
+    # creation, the three long parts of a cold start; a damaged package is refused all the same
+    # before anything runs on it, and before any error the damage may have caused
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="engine-load") as pool:
+        checked = pool.submit(
+            check_files, package_dir, [*manifest.tokenizer.files, *artifact.files]
+        )
+        token_bytes = pool.submit(_token_bytes, package_dir)
+        try:
+            runner, failure = _open_runner(package_dir, artifact, config, max_len), None
+        except Exception as e:  # raised below, once the file check has had its say
+            runner, failure = None, e
+        problems = checked.result()
+    if problems:
+        raise LoadError(f"{package_dir} is damaged: {'; '.join(problems)}")
+    if isinstance(failure, ProviderUnavailable):
+        raise LoadError(f"{artifact.target}: {failure}") from None
+    if isinstance(failure, UnsupportedGraph):  # it names the file; the package and target say more
+        raise LoadError(str(UnsupportedGraph(failure.version, source))) from None
+    if failure is not None:
+        raise failure
+    tokenizer_json, table = token_bytes.result()
+    core = EngineCore(runner, config.scheduler(max_len, runner.can_move), table)
     tok = manifest.tokenizer
     gen = manifest.generation
     info = EngineInfo(

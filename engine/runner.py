@@ -35,6 +35,7 @@ harness (exporters/runner.py) runs the same forward, so parity is measured on wh
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import partial
@@ -44,7 +45,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine import graph
-from engine.hugepages import HugePages, anonymous_regions, back_with_huge_pages
+from engine.hugepages import Advised, HugePages, advise_huge_pages, anonymous_regions
 from engine.kv_memory import HostKV
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -311,12 +312,16 @@ class OrtRunner(StepRunner):
         self._row_shape = (n_kv_heads, capacity, head_dim)
         self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(self.kv_dtype).itemsize
         self._cache_names = graph.cache_names(n_layers)  # (past, present) pairs
-        # the prepacked weights on 2 MiB pages (engine/hugepages.py), before the cache is mapped:
-        # collapsing it would make every position resident
+        # the prepacked weights on 2 MiB pages (engine/hugepages.py), advised before the cache
+        # is mapped (collapsing it would make every position resident), collapsed after the
+        # first forward (_collapse_huge_pages)
+        self._advised: Advised | None = None
+        self._collapser: threading.Thread | None = None
         if not huge_pages:
             self.huge_pages = HugePages(0, 0, "turned off")
         elif self.device == "cpu":
-            self.huge_pages = back_with_huge_pages(before)
+            self._advised = advise_huge_pages(before)
+            self.huge_pages = self._advised.report
         self._host_kv: HostKV | None = None
         self._device_kv: dict[str, ort.OrtValue] = {}  # a device cache, by past name
         if self.device == "cpu":  # resident only where written, released per slot
@@ -394,7 +399,21 @@ class OrtRunner(StepRunner):
         arrays[graph.LOGITS_IDX][...] = logits_idx
         self.session.run_with_iobinding(self.binding)
         self.lengths[rows.start : rows.stop] = seqlens_k + 1
+        if self._advised is not None:
+            self._collapse_huge_pages()
         return self._logits
+
+    def _collapse_huge_pages(self) -> None:
+        """After the first forward (a cold start's first token is out of it), the weights'
+        resident pages are collapsed to huge pages on a thread of its own: the kernel copies
+        them, without the GIL, while the engine serves on."""
+        advised, self._advised = self._advised, None
+
+        def collapse() -> None:
+            self.huge_pages = advised.collapse()
+
+        self._collapser = threading.Thread(target=collapse, name="huge-pages", daemon=True)
+        self._collapser.start()
 
     def _decode_slots(self, decodes: Sequence[ScheduledChunk]) -> np.ndarray:
         """StepRunner._decode_slots without numpy: the inputs are written as Python ints through

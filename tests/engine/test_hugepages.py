@@ -76,3 +76,17 @@ def test_a_runner_on_huge_pages_computes_the_same_logits(tiny_package):
         r.forward(ids, np.arange(4)[None], np.array([3]), np.array([3])).copy() for r in runners
     ]
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+@linux_thp
+def test_a_runner_advises_at_load_and_collapses_after_its_first_forward(tiny_package):
+    r = OrtRunner(tiny_package / "onnx-fp32" / "model.onnx", 2, 64, threads=1)
+    if r.huge_pages.skipped:
+        pytest.skip(r.huge_pages.skipped)  # a tiny model may map nothing of a huge page
+    assert r.huge_pages.pending and r._collapser is None
+    assert "after the first forward" in r.huge_pages.describe()
+    ids = np.array([[5, 9, 3, 7]], np.int64)
+    r.forward(ids, np.arange(4)[None], np.array([3]), np.array([3]))
+    r._collapser.join(timeout=30)
+    assert not r.huge_pages.pending and r.huge_pages.advised_bytes > 0
+    r.forward(ids, np.arange(4)[None], np.array([3]), np.array([3]))  # no second collapse
