@@ -99,6 +99,14 @@ class GatewayMetrics:
         self.kv_cache_usage_ratio = gauge(
             "kv_cache_usage_ratio", "Reserved KV-cache tokens / capacity (0..1)", ["model"]
         )
+        self.engine_memory_bytes = gauge(
+            "engine_memory_bytes",
+            "What an engine holds: its weights plus the KV cache resident now (grows with use)",
+            ["model"],
+        )
+        self.kv_cache_resident_bytes = gauge(
+            "kv_cache_resident_bytes", "KV-cache bytes resident now (written positions)", ["model"]
+        )
         self.spec_acceptance_ratio = gauge(
             "spec_decode_acceptance_ratio",
             "Speculative draft tokens accepted / drafted since the engine started (0..1)",
@@ -140,6 +148,8 @@ class GatewayMetrics:
         self.queue_depth.labels(model).set(stats.queue_depth)
         self.running_requests.labels(model).set(stats.slots_used)
         self.kv_cache_usage_ratio.labels(model).set(stats.kv_usage)
+        self.engine_memory_bytes.labels(model).set(stats.memory_bytes)
+        self.kv_cache_resident_bytes.labels(model).set(stats.kv_resident_bytes)
         self.spec_acceptance_ratio.labels(model).set(stats.spec_acceptance)
 
     def model_up(self, model: str, version: str, load_s: float) -> None:
@@ -154,6 +164,8 @@ class GatewayMetrics:
             self.queue_depth,
             self.running_requests,
             self.kv_cache_usage_ratio,
+            self.engine_memory_bytes,
+            self.kv_cache_resident_bytes,
             self.spec_acceptance_ratio,
         ):
             with suppress(KeyError):  # never observed

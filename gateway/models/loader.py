@@ -43,6 +43,9 @@ class RegistryLoader:
             load_engine, package, self._engine, model=name, version=str(version)
         )
         engine.start()  # its step thread hands outputs to this event loop
+        # the budget counts what the engine may come to hold: its weights and a full KV pool
+        # (info.kv_bytes: kv_tokens positions, resident as they are written; /metrics shows the
+        # resident figure, EngineStats.memory_bytes)
         return Loaded(engine, bytes=weights + engine.info.kv_bytes, remote=False)
 
 

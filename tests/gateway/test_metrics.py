@@ -46,6 +46,8 @@ def test_observations_render_and_parse():
             generated_tokens_total=0,
             requests_total=0,
             steps_total=0,
+            kv_resident_bytes=3 << 20,
+            memory_bytes=(100 << 20) + (3 << 20),
         ),
     )
     m.model_up("tiny", "3", load_s=1.5)
@@ -68,6 +70,8 @@ def test_observations_render_and_parse():
     assert value(got, "aimass_generation_tokens_total", model="tiny") == 3
     assert value(got, "aimass_queue_depth", model="tiny") == 5
     assert value(got, "aimass_running_requests", model="tiny") == 2
+    assert value(got, "aimass_kv_cache_resident_bytes", model="tiny") == 3 << 20
+    assert value(got, "aimass_engine_memory_bytes", model="tiny") == 103 << 20
     assert value(got, "aimass_kv_cache_usage_ratio", model="tiny") == 0.25
     assert value(got, "aimass_model_loaded", model="tiny", version="3") == 1
     assert value(got, "aimass_model_load_seconds_count", model="tiny") == 1
@@ -79,6 +83,7 @@ def test_observations_render_and_parse():
     got = samples(m)
     assert value(got, "aimass_model_loaded", model="tiny", version="3") == 0
     assert ("aimass_queue_depth", frozenset({("model", "tiny")})) not in got
+    assert ("aimass_engine_memory_bytes", frozenset({("model", "tiny")})) not in got
     m.model_down("other", "1")  # never loaded: nothing to drop, no error
 
 
