@@ -40,7 +40,9 @@ separate MatMuls are equal within noise (kept: fewer nodes); feeding position_id
 nothing measurable against letting it infer positions from seqlens_k.
 
 `quantize` turns the projection and lm_head MatMuls into MatMulNBits (int4 or int8, blockwise,
-symmetric RTN); the embedding Gather stays fp32. `save` always writes the weights to a
+symmetric RTN); the embedding Gather stays fp32. A checkpoint that carries a GGUF file's own
+blocks is quantized from them instead (exporters/gguf_blocks.py, which replaces the MatMuls
+`matmul_weights` names). `save` always writes the weights to a
 `<name>.data` file next to the graph so that every size of model has the same two-file layout
 (protobuf cannot hold more than 2 GB in one message).
 """
