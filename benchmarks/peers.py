@@ -73,6 +73,7 @@ from registry.manifest import load as load_manifest  # noqa: E402
 MODEL = "smollm2"
 CHECKPOINT = "smollm2-135m-instruct"
 SHIPPED = "Q4_1"  # the format of the file `aimass` imports
+WARM_UP = 10**6  # the warm-up's requests are numbered from here, the measured ones from N·1000
 PROMPT_LENS = (16, 48, 96, 160, 256, 32, 64, 128)  # tokens; request k gets PROMPT_LENS[k % 8]
 PASSAGE = (
     "The history of computing is a story of abstraction: each generation of engineers hides the "
@@ -206,12 +207,14 @@ def prompts(tokenizer) -> list[str]:
     return [tokenizer.decode(ids[:n]) for n in PROMPT_LENS]
 
 
-def bodies(texts: list[str], n: int, tokens: int) -> list[dict]:
-    """The first n requests: the same for every server (a unique prefix defeats prefix caches)."""
+def bodies(texts: list[str], n: int, tokens: int, first: int = 0) -> list[dict]:
+    """n requests, numbered from `first`: the same for every server. The number opens the
+    prompt, so a server's prefix cache finds nothing to reuse as long as each block of a
+    server's life numbers its requests apart (measure() does)."""
     return [
         {
             "model": MODEL,
-            "prompt": f"{k}. {texts[k % len(texts)]}",
+            "prompt": f"{first + k}. {texts[k % len(texts)]}",
             "max_tokens": tokens,
             "temperature": 0,
             "ignore_eos": True,
@@ -225,12 +228,14 @@ def bodies(texts: list[str], n: int, tokens: int) -> list[dict]:
 def measure(server, url: str, headers: dict, args, texts: list[str]) -> dict:
     """Warm-up, then every client count; the server is stopped by the caller."""
     pid = server.proc.pid
-    asyncio.run(run_clients(url, headers, 2, bodies(texts, 2, args.tokens)))  # loads ours
+    asyncio.run(run_clients(url, headers, 2, bodies(texts, 2, args.tokens, WARM_UP)))  # loads ours
     out = {"load_average": os.getloadavg()[0], "by_clients": {}}
     for n in args.clients:
         with RssSampler(pid) as rss:
             row = asyncio.run(
-                run_clients(url, headers, n, bodies(texts, n * args.requests, args.tokens))
+                run_clients(
+                    url, headers, n, bodies(texts, n * args.requests, args.tokens, first=n * 1000)
+                )
             )
         row["rss_peak_mib"] = rss.peak_kib / 1024
         out["by_clients"][n] = row

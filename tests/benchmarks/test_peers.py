@@ -54,6 +54,9 @@ def test_requests_are_the_same_for_every_server_and_unique():
     assert a == b
     assert len({body["prompt"] for body in a}) == 5
     assert all(body["ignore_eos"] and body["max_tokens"] == 128 and body["stream"] for body in a)
+    # blocks numbered apart share no prompt: llama-server's prompt cache would reuse one
+    later = peers.bodies(texts, 5, 128, first=1000)
+    assert not {b["prompt"] for b in a} & {b["prompt"] for b in later}
 
 
 # ── medians, ratios and the table ──
