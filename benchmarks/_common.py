@@ -180,8 +180,10 @@ async def run_clients(url: str, headers: dict, n_clients: int, requests: list[di
     out: list[dict] = []
 
     async def client(mine):
-        async with httpx.AsyncClient(timeout=600) as c:
-            for body in mine:
+        # a connection per request: llama-server closes idle keep-alive connections, and a
+        # request sent on one as it closes fails ("Server disconnected without a response")
+        for body in mine:
+            async with httpx.AsyncClient(timeout=600) as c:
                 out.append(await stream_one(c, url, headers, body))
 
     start = time.perf_counter()

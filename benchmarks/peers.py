@@ -343,9 +343,11 @@ def run_fidelity(
 
 
 def _fid_line(f: dict) -> str:
+    if "kl_mean" not in f:  # the base run: the reference itself
+        return f"ppl {f['ppl']:.4f} (the reference; its base file written)"
     return (
-        f"ppl {f['ppl']:.4f} (base {f.get('ppl_base', float('nan')):.4f}), KL mean "
-        f"{f.get('kl_mean', float('nan')):.6f}, same top {100 * f.get('same_top', float('nan')):.2f}%"
+        f"ppl {f['ppl']:.4f} (reference {f['ppl_base']:.4f} as stored), KL mean "
+        f"{f['kl_mean']:.6f}, same top {100 * f['same_top']:.2f}%"
     )
 
 
