@@ -153,7 +153,7 @@ def test_the_report_prints_the_ratio_table():
     assert "0.90× (0.90–0.90)" in faithful and "1.60× (1.55–1.65)" in faithful
     assert "3.00×" in faithful and "0.00100 / 0.00000" in faithful
     fid = next(ln for ln in text.splitlines() if ln.startswith("| onnx-int4 |"))
-    assert f"{100 * (math.exp(0.1) - 1):+.2f}%" in fid
+    assert f"{100 * (20 / 19 - 1):+.2f}%" in fid  # its perplexity against the F32 run's
 
 
 # ── llama-perplexity ──
