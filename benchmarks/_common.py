@@ -84,11 +84,16 @@ class Gateway:
         wait_http(self.url + "/healthz", self.proc)
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT (a server's clean shutdown), then SIGKILL if it has not ended within 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def proc_status_kib(pid: int, field: str) -> int | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import free_port, wait_http
+from benchmarks._common import free_port, stop, wait_http
 
 SDIST = "llama-cpp-python"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity")
@@ -197,11 +196,7 @@ class LlamaServer:
         wait_http(self.url + "/health", self.proc)
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
 # ── fidelity: llama-perplexity --kl-divergence ──
