@@ -21,7 +21,8 @@ from engine.loader import EngineConfig, LoadError, open_core
 from engine.runner import OrtRunner
 from exporters.onnx_ort import build_ort_graph
 from exporters.portable import build_portable_graph
-from registry.manifest import MANIFEST, Artifact, encode, file_entry, load
+from registry.manifest import MANIFEST, encode, file_entry, load
+from tests.engine.plans import with_plan_artifact
 from trainer.config import PRESETS
 from trainer.model import Transformer
 
@@ -119,24 +120,12 @@ def test_a_graph_of_an_unknown_version_is_refused_at_load(tiny_package, tmp_path
 def test_the_manifest_record_of_the_version_is_checked_too(tiny_package, tmp_path, target):
     """A TensorRT plan carries no ONNX metadata: the manifest's graph_version is all there is,
     checked before TensorRT is needed."""
-    pkg = copy_package(tiny_package, tmp_path)
+    pkg = with_plan_artifact(tiny_package, tmp_path)
     manifest = load(pkg)
     newer = graph.GRAPH_VERSION + 1
-    (pkg / "trt-fp16").mkdir()
-    (pkg / "trt-fp16" / "model.plan").write_bytes(b"not a plan")
-    plan = Artifact(
-        target="trt-fp16",
-        flavour="tensorrt",
-        runtime="tensorrt",
-        dtype="float16",
-        entry="trt-fp16/model.plan",
-        files=[file_entry(pkg, "trt-fp16/model.plan")],
-        max_len=manifest.artifacts[0].max_len,
-        max_batch=16,
-    )
     artifacts = [
         msgspec.structs.replace(a, graph_version=newer) if a.target == target else a
-        for a in [*manifest.artifacts, plan]
+        for a in manifest.artifacts
     ]
     (pkg / MANIFEST).write_bytes(encode(msgspec.structs.replace(manifest, artifacts=artifacts)))
     with pytest.raises(LoadError) as e:

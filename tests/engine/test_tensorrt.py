@@ -9,10 +9,8 @@ tests/engine/test_tensorrt.py`): a plan of the tiny model serves through the eng
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 
-import msgspec
 import onnx
 import pytest
 import torch
@@ -24,38 +22,13 @@ from engine.request import EngineRequest, SamplingParams
 from engine.runner import ProviderUnavailable
 from engine.scheduler import SchedulerConfig
 from engine.trt_runner import check_plan
-from registry.manifest import MANIFEST, Artifact, decode, encode, file_entry
+from tests.engine.plans import with_plan_artifact
 from trainer.checkpoint import load_model
 from trainer.generate import generate
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 PROMPTS = [[5, 17, 42, 7], [1, 2, 3], [100, 200, 300, 400, 500], [3, 1, 4, 1, 5, 9, 2, 6]]
 MAX_LEN = 64
-
-
-def with_plan_artifact(package, folder, *, trt_version="10.9.0.34", gpu_arch="sm90"):
-    """A copy of `package` whose manifest also lists a trt-fp16 artifact (a file of bytes)."""
-    copy = folder / "pkg"
-    shutil.copytree(package, copy)
-    (copy / "trt-fp16").mkdir()
-    (copy / "trt-fp16" / "model.plan").write_bytes(b"not a plan")
-    manifest = decode((copy / MANIFEST).read_bytes())
-    plan = Artifact(
-        target="trt-fp16",
-        flavour="tensorrt",
-        runtime="tensorrt",
-        dtype="float16",
-        entry="trt-fp16/model.plan",
-        files=[file_entry(copy, "trt-fp16/model.plan")],
-        max_len=manifest.artifacts[0].max_len,
-        trt_version=trt_version,
-        gpu_arch=gpu_arch,
-        precision="fp16",
-        max_batch=16,
-    )
-    manifest = msgspec.structs.replace(manifest, artifacts=[*manifest.artifacts, plan])
-    (copy / MANIFEST).write_bytes(encode(manifest))
-    return copy
 
 
 def test_a_plan_target_without_tensorrt_says_what_to_install(tiny_package, tmp_path, monkeypatch):
