@@ -33,6 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+# benchmarks/engine.py must not shadow the engine package, which the exporters import
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
 ENGINES = ("ours", "genai", "torch")
 
 
