@@ -46,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-from benchmarks._common import Gateway, free_port, serve_home, wait_http  # noqa: E402
+from benchmarks._common import Gateway, free_port, serve_home, stream_one, wait_http  # noqa: E402
 
 MODEL = "smollm2"
 
@@ -119,28 +119,7 @@ async def http_client(url, headers, body_for, n_requests, out) -> None:
 
     async with httpx.AsyncClient(timeout=600) as client:
         for _ in range(n_requests):
-            body = body_for()
-            sent = time.perf_counter()
-            first, count, chunks = None, 0, 0
-            async with client.stream("POST", url, json=body, headers=headers) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise RuntimeError(f"stream error: {chunk['error']}")
-                    for choice in chunk.get("choices", []):
-                        if choice.get("text"):
-                            first = first or time.perf_counter()
-                            chunks += 1
-                    usage = chunk.get("usage")
-                    if usage:
-                        count = usage["completion_tokens"]
-            # a server without usage in streams (llama-cpp-python's) sends a token per chunk
-            out.append({"ttft": (first or time.perf_counter()) - sent,
-                        "tokens": count or chunks, "end": time.perf_counter()})  # fmt: skip
+            out.append(await stream_one(client, url, headers, body_for()))
 
 
 async def run_http(url: str, headers: dict, n_clients: int, args, body_extra: dict,
