@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
 
 import msgspec
 
@@ -69,29 +68,25 @@ WireError = (
     WireOverloaded | WireContextOverflow | WireInvalidRequest | WireEngineError | WireEngineDead
 )
 
-# exception type → its wire form; a subclass not listed takes its nearest listed base's
-_TO_WIRE: dict[type[BaseException], Callable[..., WireError]] = {
-    Overloaded: lambda e: WireOverloaded(e.queue_depth, e.max_waiting, e.retry_after_s),
-    ContextOverflow: lambda e: WireContextOverflow(e.prompt_tokens, e.max_tokens, e.max_len),
-    InvalidRequest: lambda e: WireInvalidRequest(str(e)),
-    EngineError: lambda e: WireEngineError(str(e)),
-    EngineDead: lambda e: WireEngineDead(str(e)),
+# exception type ↔ its wire form. Each wire form's fields are its exception's constructor
+# arguments, in order: the attribute of that name, or `message`, the exception's text.
+_WIRE: dict[type[EngineError | EngineDead], type[WireError]] = {
+    Overloaded: WireOverloaded,
+    ContextOverflow: WireContextOverflow,
+    InvalidRequest: WireInvalidRequest,
+    EngineError: WireEngineError,
+    EngineDead: WireEngineDead,
 }
-# each wire form's fields are its exception's constructor arguments, in order
-_FROM_WIRE: dict[type[WireError], type[EngineError | EngineDead]] = {
-    WireOverloaded: Overloaded,
-    WireContextOverflow: ContextOverflow,
-    WireInvalidRequest: InvalidRequest,
-    WireEngineError: EngineError,
-    WireEngineDead: EngineDead,
-}
+_FROM_WIRE = {wire: exc for exc, wire in _WIRE.items()}
 
 
 def to_wire(error: EngineError | EngineDead) -> WireError:
+    """A subclass not listed takes its nearest listed base's form."""
     for cls in type(error).__mro__:
-        encode = _TO_WIRE.get(cls)
-        if encode is not None:
-            return encode(error)
+        wire = _WIRE.get(cls)
+        if wire is not None:
+            fields = wire.__struct_fields__
+            return wire(*(str(error) if f == "message" else getattr(error, f) for f in fields))
     raise TypeError(f"{type(error).__name__} is not an engine error; it cannot cross the wire")
 
 
