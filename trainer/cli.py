@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from aimass_common.cli import fail
-from aimass_common.files import publish_dir
+from aimass_common.files import staged_dir
 from aimass_common.settings import aimass_home
 from trainer import config
 from trainer.errors import CheckpointError, TrainerError, TrainingDiverged
@@ -96,10 +95,8 @@ def resolve_model(name_or_path: str) -> Path:
         "imports that keep the file's own quantized blocks",
         file=sys.stderr,
     )
-    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    import_gguf(gguf_path, staging)
-    publish_dir(staging, target, replace=True)
+    with staged_dir(target, replace=True) as staging:
+        import_gguf(gguf_path, staging)
     return target
 
 
