@@ -1,8 +1,8 @@
 """The exporter's parity and benchmark harness: plain decode loops over the engine's runner.
 
 `OrtDecoder` is `engine.runner.OrtRunner` (one KV cache allocated once, updated in place through
-IO binding) plus `DecodeLoops`, loops that keep batch row r in slot r: prefill, decode, greedy,
-scoring; `exporters.tensorrt.TrtDecoder` is the same loops over `engine.trt_runner.TrtRunner`.
+IO binding) plus `DecodeLoops`, loops that keep batch row r in slot r: prefill, decode, greedy;
+`exporters.tensorrt.TrtDecoder` is the same loops over `engine.trt_runner.TrtRunner`.
 Parity is therefore measured on the same forward the engine serves with; the engine owns
 scheduling, sampling and its own slot bookkeeping.
 """
@@ -16,8 +16,6 @@ import numpy as np
 
 from engine.runner import OrtRunner
 from exporters.graph_builder import read_config
-
-SCORE_CHUNK = 128  # tokens per scoring call: bounds the [chunk, V] logits held at once
 
 
 class DecodeLoops:
@@ -88,38 +86,6 @@ class DecodeLoops:
             # finished rows keep decoding (their tokens are dropped): the batch stays contiguous
             logits = self.decode(tokens.tolist())
         return outs
-
-    def score(self, token_ids: Sequence[int]) -> np.ndarray:
-        """log p(token_t | tokens_<t) for t = 1..n-1, as float64 [n-1]; sum for log-likelihood.
-
-        Runs in slot 0 as chunked prefill of SCORE_CHUNK tokens. A sequence longer than max_len
-        is scored in windows of max_len tokens that overlap by one (the window's first token is
-        context only), so each token sees at most max_len - 1 tokens of context.
-        """
-        if self.max_len < 2:
-            raise ValueError(f"scoring needs max_len >= 2, not {self.max_len}")
-        ids = np.asarray(token_ids, dtype=np.int64)
-        out = np.empty(max(len(ids) - 1, 0), dtype=np.float64)
-        start = 0
-        while start < len(ids) - 1:
-            window = ids[start : start + self.max_len]
-            out[start : start + len(window) - 1] = self._score_window(window)
-            start += len(window) - 1
-        return out
-
-    def _score_window(self, ids: np.ndarray) -> np.ndarray:
-        logprobs = []
-        for c in range(0, len(ids) - 1, SCORE_CHUNK):
-            chunk = ids[c : min(c + SCORE_CHUNK, len(ids) - 1)]  # the last token predicts nothing
-            n = len(chunk)
-            positions = np.arange(c, c + n)[None]
-            logits = self.forward(chunk[None], positions, np.array([c + n - 1]), np.arange(n))
-            logits = logits.astype(np.float64)
-            m = logits.max(-1, keepdims=True)
-            lse = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
-            targets = ids[c + 1 : c + n + 1]
-            logprobs.append(logits[np.arange(n), targets] - lse)
-        return np.concatenate(logprobs)
 
 
 class OrtDecoder(DecodeLoops, OrtRunner):
