@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.detokenizer import TokenBytes
 from engine.errors import InvalidRequest, Overloaded
-from engine.output_processor import OutputProcessor, fan_out
+from engine.output_processor import OutputProcessor, fan_out, first_rows
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest, RequestState
 from engine.runner import StepRunner
@@ -181,9 +181,7 @@ class EngineCore:
         first that disagrees (engine/speculative.py: this is the rejection rule for a one-hot
         draft). Row j of a request with a draft follows its draft's first j tokens; its
         generator ends up having drawn once per token emitted, as decoding them one at a time."""
-        first: dict[str, int] = {}
-        for i, cid in enumerate(ids):
-            first.setdefault(cid, i)
+        first = first_rows(ids)
         states = [self.scheduler.state(cid) for cid in ids]
         histories = [
             _History(s, drafts[cid][: i - first[cid]]) if cid in drafts else _History(s)

@@ -127,45 +127,35 @@ class OutputProcessor:
             if choice is None:
                 continue  # its request was ended earlier in this step (a sibling failed)
             try:
-                new = len(state.output_token_ids) - len(choice.token_times)
-                if new == 1:  # the common case
-                    token = state.output_token_ids[-1]
-                    logprob = None
-                    if choice.request.sampling.logprobs is not None and sampled is not None:
-                        if row_of is None:
-                            row_of = _first_rows(rows)
-                        logprob = _logprob(sampled, row_of[state.request_id], token)
-                    outputs.append(self._emit(choice, state, token, logprob, now))
-                    continue
-                if row_of is None:
-                    row_of = _first_rows(rows)
-                outputs += self._emit_several(choice, state, new, sampled, row_of, now)
+                first = None  # its first row, when it wants logprobs
+                if choice.request.sampling.logprobs is not None and sampled is not None:
+                    if row_of is None:
+                        row_of = first_rows(rows)
+                    first = row_of[state.request_id]
+                outputs += self._emit_new(choice, state, sampled, first, now)
             except Exception as e:
                 self._fail(choice, e, outputs)
         return outputs
 
     # ── internals ──
 
-    def _emit_several(
+    def _emit_new(
         self,
         choice: _Choice,
         state: RequestState,
-        new: int,
         sampled: SampleResult | None,
-        row_of: dict[str, int],
+        first: int | None,
         now: float,
     ) -> list[RequestOutput]:
-        """One event per token of the `new` a verified draft added, until one ends the choice."""
+        """One event per token the step added (one, or several from a verified draft), until
+        one ends the choice; `first`: the row of the first one's logprobs, None for none."""
         out: list[RequestOutput] = []
-        tokens = state.output_token_ids[-new:]
-        wants = choice.request.sampling.logprobs is not None and sampled is not None
-        first = row_of[state.request_id]
-        for i, token in enumerate(tokens):
-            logprob = None
-            if wants:
-                logprob = _logprob(sampled, first + i, token)
-            last = i == new - 1
-            out.append(self._emit(choice, state, token, logprob, now, finishing=last))
+        tokens = state.output_token_ids
+        new = len(tokens) - len(choice.token_times)
+        for i in range(new):
+            token = tokens[i - new]
+            logprob = None if first is None else _logprob(sampled, first + i, token)
+            out.append(self._emit(choice, state, token, logprob, now, finishing=i == new - 1))
             if out[-1].finished:
                 break
         return out
@@ -266,7 +256,7 @@ class OutputProcessor:
             del self._children[choice.parent]
 
 
-def _first_rows(rows: Sequence[str]) -> dict[str, int]:
+def first_rows(rows: Sequence[str]) -> dict[str, int]:
     """Each scheduler id → its first row (a verified draft has several, consecutive)."""
     first: dict[str, int] = {}
     for i, cid in enumerate(rows):
