@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from aimass_common.files import atomic_write, fsync_dir, write_temp
+from aimass_common.files import atomic_write, fsync_dir, sha256_file, write_temp
 from registry.errors import (
     AlreadyExists,
     IntegrityError,
@@ -216,7 +216,7 @@ class LocalStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(self._lock_path(final)):
             try:
-                current = hashlib.sha256(final.read_bytes()).hexdigest()
+                current = sha256_file(final)
             except FileNotFoundError:
                 current = None
             if current != etag:
