@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine.detokenizer import IncrementalDecoder, StopMatcher, TokenBytes
@@ -36,6 +38,34 @@ def test_an_incomplete_character_at_the_end_becomes_a_replacement_char(tokenizer
     decoder = IncrementalDecoder(tb)
     assert "".join(decoder.push(t) for t in ids[:-1]) == ""
     assert decoder.flush() == "\ufffd"
+
+
+def test_every_token_s_bytes_decode_as_the_tokenizer_decodes_it_alone(tokenizer):
+    tb = TokenBytes(tokenizer.tok.to_str())
+    assert tb.vocab_size == tokenizer.tok.get_vocab_size(with_added_tokens=True)
+    for i in range(tb.vocab_size):
+        expected = tokenizer.tok.decode([i], skip_special_tokens=True)
+        assert tb[i].decode("utf-8", errors="replace") == expected, i
+    assert tb[-1] == tb[tb.vocab_size] == b""
+
+
+def test_a_piece_with_characters_outside_the_byte_alphabet_keeps_the_bytes_it_has(tokenizer):
+    spec = json.loads(tokenizer.tok.to_str())
+    # "Ġ" is byte 0x20 (a space), "é" byte 0xE9; "€" and "\x07" stand for no byte
+    spec["model"]["vocab"] = {"Ġa": 0, "é€\x07b": 1}
+    spec["added_tokens"] = [{"id": 2, "content": "<|end|>", "special": True}]
+    tb = TokenBytes(json.dumps(spec))
+    assert (tb[0], tb[1], tb[2], tb.vocab_size) == (b" a", b"\xe9b", b"", 3)
+
+
+def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tokenizer):
+    spec = json.loads(tokenizer.tok.to_str())
+    spec["model"] = {"type": "Unigram", "vocab": [["a", 0.0]]}
+    with pytest.raises(ValueError, match="'Unigram' without a token → id vocabulary"):
+        TokenBytes(json.dumps(spec))
+    spec["decoder"] = {"type": "Metaspace"}
+    with pytest.raises(ValueError, match="decoder is 'Metaspace'"):
+        TokenBytes(json.dumps(spec))
 
 
 @pytest.mark.parametrize(
