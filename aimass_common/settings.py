@@ -24,3 +24,10 @@ def default_registry(environ: Mapping[str, str] | None = None) -> str:
     s3:// URI), else the folder AIMASS_HOME/registry."""
     env = os.environ if environ is None else environ
     return env.get("AIMASS_REGISTRY") or str(aimass_home(env) / "registry")
+
+
+def default_database(environ: Mapping[str, str] | None = None) -> str:
+    """The control-plane database a command uses when not given one: AIMASS_DATABASE (a
+    sqlite:/// or postgresql:// URL), else the SQLite file AIMASS_HOME/aimass.db."""
+    env = os.environ if environ is None else environ
+    return env.get("AIMASS_DATABASE") or f"sqlite:///{aimass_home(env) / 'aimass.db'}"

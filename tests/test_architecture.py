@@ -17,7 +17,7 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("aimass_common", "trainer", "registry", "engine", "exporters", "gateway")
+PACKAGES = ("aimass_common", "trainer", "registry", "engine", "exporters", "gateway", "controlplane")
 
 # What a function may import lazily: dependencies that are heavy to import (torch, TensorRT, ONNX
 # Runtime's quantization tools, matplotlib, uvicorn) or optional for most users (boto3 for S3,
@@ -33,6 +33,9 @@ HEAVY = (
     "boto3",
     "redis",
     "transformers",
+    "sqlalchemy",  # the control plane's ORM and migrations (~0.2 s): not for `aimass --help`
+    "alembic",
+    "argon2",
 )
 
 
