@@ -20,7 +20,8 @@ from engine.graph import ORT, UnsupportedGraph, check_version
 from engine.outputs import EngineInfo
 from engine.runner import PROVIDERS, OrtRunner, ProviderUnavailable, StepRunner
 from engine.scheduler import SchedulerConfig, check_kv_tokens, check_limits
-from registry.manifest import Artifact, Manifest, ManifestError, check_files, load
+from registry.manifest import Artifact, FileEntry, Manifest, ManifestError, check_files, load
+from registry.verified import unverified
 
 RUNTIMES = ("onnxruntime", "tensorrt")  # the artifact runtimes the engine runs
 # the default KV pool is this share of n_slots × max_len: requests rarely fill their slots (the
@@ -74,6 +75,14 @@ class EngineConfig:
     # n-gram draft tokens a decoding request may carry, verified in its forward; 0 is off
     # (engine/speculative.py: it also turns itself off where it does not pay)
     speculative_tokens: int = 0
+    # prompt tokens per step while any stream decodes, 0 for what the token budget leaves:
+    # bounds the inter-token gap the running streams see while long prompts arrive
+    # (SchedulerConfig.max_prefill_tokens)
+    max_prefill_tokens: int = 0
+    # one forward may carry chunks of different lengths on different pasts (decodes beside a
+    # prompt chunk), right-padded, where that costs less than separate forwards; ONNX targets,
+    # through GroupQueryAttention's query_seqlens (engine/runner.py)
+    mixed_forwards: bool = False
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -96,6 +105,11 @@ class EngineConfig:
                 f"EngineConfig.speculative_tokens = {self.speculative_tokens} must be >= 0 "
                 f"(0 turns speculative decoding off)"
             )
+        if self.max_prefill_tokens < 0:
+            raise ValueError(
+                f"EngineConfig.max_prefill_tokens = {self.max_prefill_tokens} must be >= 0 "
+                f"(0 is no limit but the token budget)"
+            )
 
     def pool(self, max_len: int) -> int:
         """kv_tokens once the artifact has fixed max_len (the default, or the one given)."""
@@ -114,6 +128,7 @@ class EngineConfig:
             kv_tokens=self.pool(max_len),
             prefix_caching=self.prefix_caching,
             speculative_tokens=self.speculative_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
         )
 
 
@@ -169,7 +184,15 @@ def _open_runner(
         provider=config.provider,
         spin_wait=config.spin_wait,
         huge_pages=config.huge_pages,
+        mixed=config.mixed_forwards,
     )
+
+
+def _check_files(package_dir: Path, entries: list[FileEntry]) -> list[str]:
+    """The problems with `entries`, hashing only the files the local cache has not verified
+    in their present state (registry/verified.py): a pulled package is hashed once, at the
+    pull, not again at every load (~0.3 s of a cold start for SmolLM2-135M int4)."""
+    return check_files(package_dir, unverified(package_dir, entries))
 
 
 def _token_bytes(package_dir: Path) -> tuple[str, TokenBytes]:
@@ -209,7 +232,7 @@ def open_core(
     # before anything runs on it, and before any error the damage may have caused
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="engine-load") as pool:
         checked = pool.submit(
-            check_files, package_dir, [*manifest.tokenizer.files, *artifact.files]
+            _check_files, package_dir, [*manifest.tokenizer.files, *artifact.files]
         )
         token_bytes = pool.submit(_token_bytes, package_dir)
         try:

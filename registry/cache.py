@@ -7,6 +7,9 @@
                                     interrupted pull continues from its length
       packages/<manifest sha256>/   manifest.json + every listed file at its path (hard links to
                                     the blobs); complete once manifest.json is there
+      packages/<manifest sha256>.verified   which of its files are verified blobs, by identity,
+                                    so that the engine's load does not hash them again
+                                    (registry/verified.py)
       locks/                        flock files: one per package, one per blob
 
 Several processes may pull at once: a package is built under its lock, a blob is downloaded
@@ -29,6 +32,7 @@ from registry.errors import IntegrityError, RegistryError
 from registry.manifest import MANIFEST, Manifest, decode, path_problem
 from registry.names import Ref
 from registry.registry import Registry, blob_key
+from registry.verified import forget, record
 
 READ = 8 << 20
 
@@ -62,6 +66,9 @@ def pull(
             for sha, size in sizes.items():
                 fetch_blob(registry, sha, size, cache)
             _materialise(package, manifest, data, cache, link=True)
+            record(package, manifest.files())  # hard links to verified blobs, linked now
+        elif verify:  # every file hashed again just now
+            record(package, manifest.files())
     if to is None:
         return package
     _materialise(Path(to), manifest, data, cache, link=False)
@@ -129,6 +136,7 @@ def _usable(package: Path, manifest: Manifest, cache: Path, verify: bool) -> boo
             bad.append(e)
     if not bad:
         return True
+    forget(package)
     shutil.rmtree(package)
     for e in bad:
         (cache / "blobs" / "sha256" / e.sha256).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The pull cache: resumable downloads, verification before use, materialising elsewhere."""
+"""The pull cache: resumable downloads, verification before use, materialising elsewhere, and
+the record of verified files that spares a load from hashing them again."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import pytest
 
 from registry.cache import pull
 from registry.errors import RegistryError
+from registry.manifest import check_files
+from registry.registry import Registry
+from registry.stores import open_store
+from registry.verified import record_path, unverified
 from tests.registry.helpers import tree, write_package
 
 
@@ -83,3 +88,77 @@ def test_unlisted_files_are_reported_and_not_stored(reg, tmp_path):
     assert result.unlisted == ["notes.txt"]
     pulled = tree(pull(reg, "tiny", cache_dir=tmp_path / "cache"))
     assert "notes.txt" not in pulled and len(pulled) == 4
+
+
+def _damage(path, offset: int = 0) -> None:
+    """Flips one byte of a cached (read-only) file in place: same size, same inode."""
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def test_a_pull_records_its_verified_files_and_any_changed_since_is_hashed_again(reg, tmp_path):
+    pkg = write_package(tmp_path / "pkg", weights=b"w" * 5000)
+    reg.push(pkg, "tiny")
+    reg.push(write_package(tmp_path / "pkg2", weights=b"v" * 5000), "other")
+    cache = tmp_path / "cache"
+    package = pull(reg, "tiny", cache_dir=cache)
+    entries = reg.manifest("tiny", 1).files()
+    assert record_path(package).is_file() and unverified(package, entries) == []
+    # a copy holds new inodes and no record: every file is hashed by its reader
+    copy = pull(reg, "tiny", cache_dir=cache, to=tmp_path / "copy")
+    assert unverified(copy, entries) == entries
+    # another package linking the same blobs (all but the weights) changes their change time:
+    # those files are no longer vouched for (hashed again at the next load), the weights are
+    pull(reg, "other", cache_dir=cache)
+    assert unverified(package, entries) == [e for e in entries if e.size != 5000]
+    # a file edited in place, same size: not vouched for, and the hash refuses it
+    graph = next(e for e in entries if e.path.endswith("model.onnx"))
+    _damage(package / graph.path)
+    assert graph in unverified(package, entries)
+    assert check_files(package, unverified(package, entries)) == [
+        f"{graph.path} does not match its sha256 (modified or corrupt)"
+    ]
+    # --verify hashes every file again, fetches the bad one and records the package anew
+    package = pull(reg, "tiny", cache_dir=cache, verify=True)
+    assert unverified(package, entries) == [] and tree(package) == tree(pkg)
+
+
+def test_a_forged_or_stale_record_vouches_for_nothing(reg, tmp_path):
+    reg.push(write_package(tmp_path / "pkg"), "tiny")
+    package = pull(reg, "tiny", cache_dir=tmp_path / "cache")
+    entries = reg.manifest("tiny", 1).files()
+    original = record_path(package).read_bytes()
+    record_path(package).write_bytes(original.replace(entries[0].sha256.encode(), b"0" * 64))
+    assert unverified(package, entries) == [entries[0]]  # a record for other bytes
+    record_path(package).write_bytes(b"{not json")
+    assert unverified(package, entries) == entries
+    record_path(package).unlink()
+    assert unverified(package, entries) == entries
+
+
+def test_a_pulled_package_loads_without_hashing_again_and_a_damaged_one_is_refused(
+    tiny_package, tmp_path, monkeypatch
+):
+    from engine import loader  # deferred: onnxruntime, for this test only
+
+    reg = Registry(open_store(str(tmp_path / "registry")), user="tester")
+    reg.push(tiny_package, "tiny")
+    package = pull(reg, "tiny", cache_dir=tmp_path / "cache")
+    hashed: list[str] = []
+
+    def recording(package_dir, entries):
+        hashed.extend(e.path for e in entries)
+        return check_files(package_dir, entries)
+
+    monkeypatch.setattr(loader, "check_files", recording)
+    config = loader.EngineConfig(target="onnx-fp32", n_slots=1)
+    loader.open_core(package, config)
+    assert hashed == []  # every file vouched for by the pull's record
+    graph = next(package.glob("onnx-fp32/*.onnx"))
+    _damage(graph, offset=graph.stat().st_size // 2)
+    with pytest.raises(loader.LoadError, match="is damaged: onnx-fp32/model.onnx does not match"):
+        loader.open_core(package, config)
+    assert hashed == ["onnx-fp32/model.onnx"]
