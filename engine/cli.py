@@ -72,6 +72,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="draft up to K tokens per step from the request's own prompt and output "
         "(n-gram lookup), verified in the same forward; 0 is off",
     )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prompt tokens per step while any stream decodes, which bounds the streams' "
+        "inter-token gap while long prompts arrive; 0 is what the token budget leaves",
+    )
+    p.add_argument(
+        "--mixed-forwards",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run decodes and prompt chunks of different lengths in one right-padded forward "
+        "where that costs less than separate ones (ONNX targets)",
+    )
 
 
 def engine_config(args: argparse.Namespace):
@@ -91,6 +106,8 @@ def engine_config(args: argparse.Namespace):
         huge_pages=args.huge_pages,
         prefix_caching=args.prefix_caching,
         speculative_tokens=args.speculative_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
+        mixed_forwards=args.mixed_forwards,
     )
 
 

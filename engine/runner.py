@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -64,6 +64,19 @@ MAX_DUMMY_GAP = 2
 # their real tokens (or MIN_PADDING tokens, whichever is more) starts another forward instead.
 MAX_PADDING, MIN_PADDING = 0.25, 32
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# GroupQueryAttention's optional input (ONNX Runtime 1.32) giving each row's number of real
+# tokens in a right-padded chunk: with it, rows of different lengths on different pasts run in
+# one forward, and a row of 0 tokens is idle (its cache untouched). The exported graph does not
+# take it (engine/graph.py, contract 1); a runner built with mixed=True adds it at load.
+QUERY_SEQLENS = "query_seqlens"
+_GQA_QUERY_SEQLENS = 16  # its position among GroupQueryAttention's inputs
+# A forward costs about FORWARD_ROWS rows of work of its own (the same measure as MAX_DUMMY_GAP:
+# ~2.5 ms + ~1.2 ms a row on SmolLM2-135M int4, 2 cores): a mixed forward, padded to its longest
+# chunk, replaces two only where its padding and idle rows cost less than the forward it saves.
+FORWARD_ROWS = 2
+
+# runs one forward's chunks → (request ids, their logits)
+Forward = Callable[[Sequence[ScheduledChunk]], tuple[list[str], np.ndarray]]
 
 
 class ProviderUnavailable(RuntimeError):
@@ -187,15 +200,7 @@ class StepRunner(ABC):
             self.move(m.src, m.dst, m.n_tokens)
         for c in step.copies:  # cached prefixes, named after the moves
             self.copy(c.src, c.dst, c.n_tokens)
-        forwards: list = [
-            *(partial(self._decode, run) for run in _runs(step.decodes, MAX_DUMMY_GAP)),
-            *(
-                partial(self._prefill, part)
-                for run in _contiguous(step.prefills)
-                for part in _padding_bounded(run)
-            ),
-            *(partial(self._continue, chunk) for chunk in step.continuations),
-        ]
+        forwards = [partial(run, group) for run, group in self._forwards(step)]
         if len(forwards) == 1:
             return forwards[0]()
         ids: list[str] = []
@@ -207,6 +212,18 @@ class StepRunner(ABC):
         if not parts:
             return [], np.empty((0, self.vocab_size), np.float32)
         return ids, np.concatenate(parts)
+
+    def _forwards(self, step: SchedulerOutput) -> list[tuple[Forward, list[ScheduledChunk]]]:
+        """The step's chunks grouped into forwards, each (how it runs, its chunks)."""
+        return [
+            *((self._decode, run) for run in _runs(step.decodes, MAX_DUMMY_GAP)),
+            *(
+                (self._prefill, part)
+                for run in _contiguous(step.prefills)
+                for part in _padding_bounded(run)
+            ),
+            *((self._continue, [chunk]) for chunk in step.continuations),
+        ]
 
     def _decode(self, decodes: Sequence[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
         if decodes[-1].slot - decodes[0].slot + 1 == len(decodes):  # sorted, no idle row
@@ -253,9 +270,10 @@ class StepRunner(ABC):
             return [c.request_id for c in run], logits
         return [run[r].request_id for r in sampling], logits[sampling]
 
-    def _continue(self, chunk: ScheduledChunk) -> tuple[list[str], np.ndarray]:
+    def _continue(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
         """A batch-1 forward on the chunk's past. A decode with a draft asks logits for its
         last 1 + draft positions, one row each under its id (engine/speculative.py)."""
+        (chunk,) = chunks
         n, start, k = chunk.n_tokens, chunk.start, chunk.draft
         ids = np.asarray([chunk.token_ids], np.int64)
         positions = np.arange(start, start + n)[None]
@@ -278,6 +296,7 @@ class OrtRunner(StepRunner):
         provider: str = "cpu",
         spin_wait: bool = True,
         huge_pages: bool = True,
+        mixed: bool = False,
     ):
         if n_slots < 1:
             raise ValueError(f"n_slots={n_slots} must be >= 1")
@@ -290,7 +309,8 @@ class OrtRunner(StepRunner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         providers = check_provider(provider)
         before = anonymous_regions() if huge_pages else set()
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        model = _with_query_seqlens(Path(path), opts) if mixed else str(path)
+        self.session = ort.InferenceSession(model, opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = _DEVICE.get(self.provider, "cuda")
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -298,6 +318,7 @@ class OrtRunner(StepRunner):
         graph.check_version(graph.graph_version(meta), str(path))
 
         inputs = {i.name: i for i in self.session.get_inputs()}
+        self.mixed = QUERY_SEQLENS in inputs  # one forward may mix chunks of any shape
         past = inputs[graph.past_name(graph.KEY, 0)]
         n_layers = graph.count_layers(inputs)
         self.kv_dtype = _DTYPES[past.type]
@@ -383,12 +404,14 @@ class OrtRunner(StepRunner):
         seqlens_k: np.ndarray,
         logits_idx: np.ndarray,
         rows: range | None = None,
+        query_seqlens: np.ndarray | None = None,
     ) -> np.ndarray:
         """StepRunner.forward: the rows' cache buffers are bound by pointer offset, so no slot
-        is copied."""
+        is copied. `query_seqlens` [B], each row's real tokens (0: an idle row), needs a runner
+        built with mixed=True; by default a row's are min(S, its total length)."""
         B, S = input_ids.shape
         seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
-        total = int(seqlens_k.max()) + 1
+        total = max(int(seqlens_k.max()) + 1, S)
         rows = self._check_forward(B, S, rows, total)
         inputs = self._bind(B, S, len(logits_idx), rows.start)
         arrays = inputs.arrays
@@ -397,6 +420,11 @@ class OrtRunner(StepRunner):
         arrays[graph.SEQLENS_K][...] = seqlens_k
         arrays[graph.TOTAL_SEQUENCE_LENGTH][...] = total
         arrays[graph.LOGITS_IDX][...] = logits_idx
+        if self.mixed:
+            default = np.minimum(S, seqlens_k + 1)
+            arrays[QUERY_SEQLENS][...] = default if query_seqlens is None else query_seqlens
+        elif query_seqlens is not None:
+            raise ValueError("query_seqlens needs a runner built with mixed=True")
         self.session.run_with_iobinding(self.binding)
         self.lengths[rows.start : rows.stop] = seqlens_k + 1
         if self._advised is not None:
@@ -423,17 +451,80 @@ class OrtRunner(StepRunner):
         lo, B = decodes[0].slot, len(decodes)
         longest = max(c.start for c in decodes) + 1
         self._check_forward(B, 1, range(lo, lo + B), longest)
-        ids, positions, seqlens_k, total, logits_idx = self._bind(B, 1, B, lo).views
+        ids, positions, seqlens_k, total, logits_idx, *query_seqlens = self._bind(B, 1, B, lo).views
         for i, c in enumerate(decodes):
             ids[i] = c.token_ids[0]
             positions[i] = seqlens_k[i] = c.start
             logits_idx[i] = i
+        for q in query_seqlens:  # a mixed runner: one real token a row
+            for i in range(B):
+                q[i] = 1
         total[()] = longest
         self.session.run_with_iobinding(self.binding)
         lengths = self._lengths_view
         for i, c in enumerate(decodes):
             lengths[lo + i] = c.start + 1
         return self._logits
+
+    def _forwards(self, step: SchedulerOutput) -> list[tuple[Forward, list[ScheduledChunk]]]:
+        """StepRunner._forwards, then, on a mixed runner, neighbouring forwards (by slot) merged
+        into one right-padded forward wherever that costs less (`_merge_cost`): decodes with a
+        prompt chunk on a past, first prompts with later chunks, runs apart by a few slots."""
+        planned = super()._forwards(step)
+        if not self.mixed or len(planned) < 2:
+            return planned
+        groups = sorted((chunks for _, chunks in planned), key=lambda g: min(c.slot for c in g))
+        merged: list[list[ScheduledChunk]] = [groups[0]]
+        for group in groups[1:]:
+            together = merged[-1] + group
+            if self._cost(together) < self._cost(merged[-1]) + self._cost(group):
+                merged[-1] = together
+            else:
+                merged.append(group)
+        if len(merged) == len(planned):
+            return planned
+        by_group = {id(chunks): run for run, chunks in planned}
+        return [(by_group.get(id(g), self._mixed), g) for g in merged]
+
+    def _cost(self, chunks: Sequence[ScheduledChunk]) -> float:
+        """A mixed forward's work in rows (FORWARD_ROWS + B × S, padding and idle rows
+        computed like real ones); infinite where a row's past + S passes the cache."""
+        lo = min(c.slot for c in chunks)
+        hi = max(c.slot for c in chunks)
+        S = max(c.n_tokens for c in chunks)
+        past = self.lengths[lo : hi + 1].copy()
+        for c in chunks:
+            past[c.slot - lo] = c.start
+        if int(past.max()) + S > self.max_len:
+            return float("inf")
+        return FORWARD_ROWS + (hi - lo + 1) * S
+
+    def _mixed(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
+        """One forward over the slots lo..hi of `chunks`, whatever their kinds: row r carries
+        its chunk's tokens right-padded to the longest, on its past; a slot in the range with
+        no chunk is an idle row (0 tokens: its cache and length unchanged)."""
+        by_slot = {c.slot: c for c in chunks}
+        lo, hi = min(by_slot), max(by_slot)
+        B, S = hi - lo + 1, max(c.n_tokens for c in chunks)
+        keep = self.lengths[lo : hi + 1].copy()
+        past, real = keep.copy(), np.zeros(B, np.int32)
+        ids = np.zeros((B, S), np.int64)
+        ids_out: list[str] = []
+        wanted: list[int] = []
+        for slot in sorted(by_slot):
+            c, r = by_slot[slot], slot - lo
+            ids[r, : c.n_tokens], past[r], real[r] = c.token_ids, c.start, c.n_tokens
+            if c.sample:  # a decode with a draft: its last 1 + draft positions
+                wanted += range(r * S + c.n_tokens - 1 - c.draft, r * S + c.n_tokens)
+                ids_out += [c.request_id] * (c.draft + 1)
+        positions = past[:, None] + np.arange(S)  # padding continues its row (P + S <= max_len)
+        # an idle row of an empty slot reads one position and writes none
+        seqlens_k = np.maximum(past + real - 1, 0)
+        logits_idx = np.asarray(wanted or [0], np.int64)  # the graph returns at least one row
+        logits = self.forward(ids, positions, seqlens_k, logits_idx, range(lo, hi + 1), real)
+        idle = real == 0
+        self.lengths[lo : hi + 1][idle] = keep[idle]
+        return (ids_out, logits) if wanted else ([], logits[:0])
 
     def _bind(self, B: int, S: int, N: int, first_slot: int) -> _Inputs:
         """Binds the inputs of a (B, S) forward sampling N rows, the KV rows of slots
@@ -443,7 +534,7 @@ class OrtRunner(StepRunner):
         key = (B, S, N)
         inputs = self._inputs.get(key)
         if inputs is None:  # decode shapes are bound once; a step only writes into them
-            inputs = _Inputs(*key)
+            inputs = _Inputs(*key, mixed=self.mixed)
             if S == 1:  # prompt shapes vary too much to keep
                 self._inputs[key] = inputs
         if inputs is not self._bound_inputs:
@@ -469,7 +560,7 @@ class _Inputs:
     OrtValues bound to them: a step writes values in place and binds nothing (binding five
     arrays each step costs ~0.15 ms, 1–2% of a batch-1 decode step)."""
 
-    def __init__(self, B: int, S: int, N: int):
+    def __init__(self, B: int, S: int, N: int, mixed: bool = False):
         self.arrays = {
             graph.INPUT_IDS: np.zeros((B, S), np.int64),
             graph.POSITION_IDS: np.zeros((B, S), np.int64),
@@ -477,9 +568,31 @@ class _Inputs:
             graph.TOTAL_SEQUENCE_LENGTH: np.zeros((), np.int32),
             graph.LOGITS_IDX: np.zeros(N, np.int64),
         }
+        if mixed:
+            self.arrays[QUERY_SEQLENS] = np.zeros(B, np.int32)
         self.ortvalues = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
         # the same memory, flat, in the order above: OrtRunner._decode_slots writes through it
         self.views = tuple(memoryview(v.reshape(-1) if v.ndim else v) for v in self.arrays.values())
+
+
+def _with_query_seqlens(path: Path, opts: ort.SessionOptions) -> bytes:
+    """The graph at `path` with QUERY_SEQLENS [batch] as an input of every GroupQueryAttention
+    node, serialized; its weights stay in their external file, which `opts` is pointed at."""
+    import onnx  # deferred: onnx parses the graph only for a mixed runner
+
+    model = onnx.load(str(path), load_external_data=False)
+    int32 = onnx.TensorProto.INT32
+    model.graph.input.append(
+        onnx.helper.make_tensor_value_info(QUERY_SEQLENS, int32, [graph.BATCH])
+    )
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if not attention:
+        raise ValueError(f"{path} has no GroupQueryAttention node to take {QUERY_SEQLENS}")
+    for node in attention:
+        node.input.extend([""] * (_GQA_QUERY_SEQLENS - len(node.input)) + [QUERY_SEQLENS])
+    folder = "session.model_external_initializers_file_folder_path"
+    opts.add_session_config_entry(folder, str(path.parent))
+    return model.SerializeToString()
 
 
 def _padding_bounded(run: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:

@@ -50,6 +50,11 @@ class SchedulerConfig:
     # draft tokens a decoding request may carry, proposed from its own prompt and output and
     # verified in the same forward (engine/speculative.py); 0 turns speculation off
     speculative_tokens: int = 0
+    # prompt tokens per step while any request decodes (0: what the budget leaves): a step's
+    # prompt chunk delays every running stream's next token by its cost, so a small one keeps
+    # their inter-token gap near its steady value while long prompts arrive; with nothing
+    # decoding, prompts take the whole budget (no stream waits on them)
+    max_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         owner = "SchedulerConfig"
@@ -57,6 +62,7 @@ class SchedulerConfig:
         _at_least(owner, "max_len", self.max_len, 2, "a prompt token and an output token")
         check_kv_tokens(owner, self.kv_tokens, self.n_slots, self.max_len)
         _at_least(owner, "speculative_tokens", self.speculative_tokens, 0, "0 turns it off")
+        _at_least(owner, "max_prefill_tokens", self.max_prefill_tokens, 0, "0 is no limit")
 
 
 def check_limits(
@@ -226,19 +232,21 @@ class Scheduler:
         The rule: one budget of `token_budget` tokens per step is handed out in this order.
         1. Every running request whose next input is a single token (a decode) gets 1 token.
            The budget covers them all (token_budget >= n_slots), so running streams never stall.
-        2. The request still in its prompt, if any, gets min(tokens left, budget left): a long
-           prompt takes only what remains after the decodes, so it can never delay them.
+        2. The request still in its prompt, if any, gets min(tokens left, prompt budget), the
+           prompt budget being what remains after the decodes, and while any request decodes
+           at most `max_prefill_tokens` (when set): a step's prompt chunk runs before the
+           streams' next tokens come out, so its size bounds their inter-token gap.
         3. Waiting requests are admitted in FIFO order while a slot, room in the KV pool for
-           prompt + max_tokens (reserved until it finishes) and budget remain, each with a first
-           chunk of min(prompt, budget left); else the queue head waits (`usage().waiting_for`
-           says for what).
+           prompt + max_tokens (reserved until it finishes) and prompt budget remain, each
+           with a first chunk of min(prompt, prompt budget left); else the queue head waits
+           (`usage().waiting_for` says for what).
         Aborted requests leave at the step boundary, before the budget is handed out. Then the
         running requests in the highest slots move down into the holes finished ones left
         (`moves`), except the lowest holes, one per waiting request, which those take without a
         copy; so the slots in use stay contiguous from 0 and a decode forward computes no idle
         row (but for the one request part-way through its prompt).
 
-        A chunk cut short has used up the budget, so at most one request is ever part-way
+        A chunk cut short has used up the prompt budget, so at most one request is ever part-way
         through its prompt, and a step runs at most one later chunk of it (several tokens on top
         of a past). That matters: ONNX Runtime's CPU GroupQueryAttention runs such a chunk only
         at batch 1, so each one costs the runner a forward of its own.
@@ -272,18 +280,21 @@ class Scheduler:
                 chunks.append(self._chunk(state, 1, draft))
                 budget -= len(draft)
 
+        cap = self.config.max_prefill_tokens
+        prompts = min(budget, cap) if decoding and cap else budget  # the prompt budget
+        budget -= prompts
         prefilling = [s for s in self._running if s.num_tokens - s.num_computed_tokens > 1]
         assert len(prefilling) <= 1, "two requests part-way through their prompts"
-        if prefilling and budget:
+        if prefilling and prompts:
             state = prefilling[0]
-            n = min(state.num_tokens - state.num_computed_tokens, budget)
+            n = min(state.num_tokens - state.num_computed_tokens, prompts)
             chunks.append(self._chunk(state, n))
-            budget -= n
+            prompts -= n
 
         self._waiting_for = None
         copies: list[SlotMove] = []
         in_place: list[int] = []  # slots whose tokens a request admitted now starts from
-        while self._waiting and budget > 0:
+        while self._waiting and prompts > 0:
             state = self._waiting[0]
             request = state.request
             needed = state.num_prompt_tokens + request.max_tokens
@@ -305,11 +316,11 @@ class Scheduler:
             self._waiting.popleft()
             state.status, state.slot = RequestStatus.RUNNING, slot
             self._running.append(state)
-            n = min(state.num_prompt_tokens - state.num_computed_tokens, budget)
+            n = min(state.num_prompt_tokens - state.num_computed_tokens, prompts)
             chunks.append(self._chunk(state, n))
-            budget -= n
+            prompts -= n
 
-        assert budget >= 0, budget
+        assert budget >= 0 and prompts >= 0, (budget, prompts)
         self._in_flight = {c.request_id: c for c in chunks}
         # a one-token chunk of a prompt (the budget left beside the decodes) is a continuation,
         # not a decode: it samples nothing, and the runner returns logits for every decode
