@@ -22,7 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from gateway.auth.service import KeyStore
+from controlplane.access import CLI
+from controlplane.db import Database
+from controlplane.identity import create_project
+from controlplane.keys import create_key
 from registry.cache import pull
 from registry.registry import Registry
 
@@ -60,7 +63,11 @@ def serve_home(package: Path, home: Path, model: str) -> dict[str, str]:
     version = registry.push(package, model).version
     registry.set_alias(model, "production", version)
     pull(registry, model, cache_dir=home / "cache")  # "an unloaded model in the local cache"
-    _, key = KeyStore(home / "gateway.db").create("bench", ["inference"])
+    db = Database.open(f"sqlite:///{home / 'aimass.db'}")
+    db.upgrade()
+    with db.session() as s:
+        _, key = create_key(s, CLI, create_project(s, CLI, "bench").id, ["inference"])
+    db.close()
     return {"Authorization": f"Bearer {key}"}
 
 

@@ -1,6 +1,6 @@
-"""The gateway application: configuration, the long-lived clients (registry, models, key store,
-rate limiter, metrics) owned by the lifespan, authentication by route scope, the error table,
-request ids and JSON access logs, health and metrics routes.
+"""The gateway application: configuration, the long-lived clients (registry, models, the
+control-plane database, rate limiter, metrics) owned by the lifespan, authentication by route
+action, the error table, request ids and JSON access logs, health and metrics routes.
 
     create_app(GatewayConfig(...))  →  Litestar app; `aimass serve` runs it under uvicorn
 """
@@ -28,7 +28,12 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 
-from gateway.auth.service import KeyStore, parse_bearer, require_scope
+from controlplane.access import LOCAL, Principal
+from controlplane.db import Database
+from controlplane.identity import credentials_exist
+from controlplane.keys import KeyAuthenticator
+from controlplane.legacy_keys import import_legacy_keys
+from gateway.auth.service import key_principal, require_action
 from gateway.clock import Clock, monotonic
 from gateway.errors import classify
 from gateway.limits.service import RateLimiter, make_rate_limiter
@@ -48,8 +53,11 @@ access = logging.getLogger("aimass.access")
 class GatewayConfig:
     # registry URI (a folder or s3://bucket/prefix)
     registry: str
-    # the API-key database (SQLite)
-    keys_db: Path
+    # the control-plane database URL (sqlite:///… or postgresql://…); None: $AIMASS_DATABASE,
+    # else $AIMASS_HOME/aimass.db
+    database: str | None = None
+    # the former SQLite key file whose keys are imported at start (None: none)
+    legacy_keys: Path | None = None
     # where the gateway listens; auth may be off only on a loopback address
     host: str = "127.0.0.1"
     # Redis URL for rate limits shared by gateway replicas; None keeps them in memory
@@ -77,26 +85,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# ── authentication: every route states its scopes in opt; no scopes means public ──
+# ── authentication: every route states its action in opt; no action means public ──
 
 
 async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-    scopes = handler.opt.get("scopes")
-    if not scopes:
+    action = handler.opt.get("action")
+    if action is None:
         return
     state = connection.app.state
-    header = connection.headers.get("authorization")
     if state.open_access:
-        # no keys exist and the gateway listens on loopback only (said at start): any or no
-        # key is accepted (clients such as openai's insist on sending one)
+        # no users or keys exist and the gateway listens on loopback only (said at start): any
+        # or no key is accepted (clients such as openai's insist on sending one)
+        connection.state["principal"] = LOCAL
         return
-    key = state.key_store.authenticate(parse_bearer(header))
-    for scope in scopes:
-        if scope in key.scopes:
-            break
-    else:
-        require_scope(key, scopes[0])
-    connection.state["key"] = key
+    principal, key = await key_principal(
+        state.authenticator, connection.headers.get("authorization")
+    )
+    require_action(principal, action)
+    connection.state["principal"], connection.state["key"] = principal, key
+
+
+def _principal(request: Request) -> Principal:
+    return request.state["principal"]
 
 
 # ── errors: one table (gateway/errors.py), OpenAI's shape, litestar's own errors included ──
@@ -244,16 +254,17 @@ def create_app(
     *,
     catalog: Catalog | None = None,
     loader: Loader | None = None,
-    keys: KeyStore | None = None,
+    db: Database | None = None,
     limiter: RateLimiter | None = None,
     clock: Clock = monotonic,
 ) -> Litestar:
     """The gateway for `config`. Collaborators not given are built from it: `catalog`, the
     registry that routes model names (Registry.open(config.registry)); `loader`, where engines
     come from (the registry's packages in process, or config.models.remote engine servers);
-    `keys`, the key store (config.keys_db); `limiter`, the rate limiter (config.redis_url, else
-    in memory). The app owns what it is given: it closes them when it stops. `clock` is the
-    time of every TTL, idle window and rate bucket in the app."""
+    `db`, the control-plane database (config.database, migrated to the newest schema, with
+    config.legacy_keys imported); `limiter`, the rate limiter (config.redis_url, else in
+    memory). The app owns what it is given: it closes them when it stops. `clock` is the time
+    of every TTL, idle window, key cache and rate bucket in the app."""
     metrics = GatewayMetrics()
     models = ModelManager(
         catalog if catalog is not None else Registry.open(config.registry),
@@ -263,7 +274,11 @@ def create_app(
         on_load=lambda d: metrics.model_up(d.name, str(d.version), d.load_s),
         on_unload=lambda d: metrics.model_down(d.name, str(d.version)),
     )
-    keys = keys if keys is not None else KeyStore(config.keys_db, clock=clock)
+    if db is None:
+        db = Database.open(config.database)
+        db.upgrade()
+    if config.legacy_keys is not None:
+        import_legacy_keys(db, config.legacy_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -277,17 +292,25 @@ def create_app(
         finally:
             await models.close()
             await rates.close()
-            keys.close()
+            db.close()
 
-    open_access = keys.count() == 0 and is_loopback(config.host)
+    with db.session() as s:
+        open_access = not credentials_exist(s) and is_loopback(config.host)
     state = State(
-        {"config": config, "metrics": metrics, "key_store": keys, "open_access": open_access}
+        {
+            "config": config,
+            "metrics": metrics,
+            "db": db,
+            "authenticator": KeyAuthenticator(db, clock=clock),
+            "open_access": open_access,
+        }
     )
     return Litestar(
         route_handlers=[*ROUTES, healthz, readyz, metrics_route],
         dependencies={
             "models": Provide(lambda: models, sync_to_thread=False),
             "generation": Provide(_generation, sync_to_thread=False),
+            "principal": Provide(_principal, sync_to_thread=False),
         },
         guards=[auth_guard],
         exception_handlers={Exception: error_response},

@@ -1,8 +1,9 @@
-"""`aimass serve` (the gateway) and `aimass keys` (API keys).
+"""`aimass serve`: the gateway.
 
-Both default to the embedded setup under $AIMASS_HOME (default ~/.aimass): the registry folder
-`registry/`, the key database `gateway.db` and the package cache `cache/`, so `aimass keys` and
-`aimass serve` on one machine share them.
+It defaults to the embedded setup under $AIMASS_HOME (default ~/.aimass): the registry folder
+`registry/`, the control-plane database `aimass.db` (users, projects, API keys; shared with
+`aimass keys|users|projects|members`) and the package cache `cache/`. Keys of the former key
+file `gateway.db` are imported into the database at start.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 
 from aimass_common.cli import fail
 from aimass_common.settings import aimass_home, default_registry
+from controlplane.cli import add_database_argument
 from engine.cli import add_engine_arguments, engine_config
-from gateway.auth.cli import register_keys_cli
 
 
 def default_keys_db() -> Path:
+    """The former SQLite key file, whose keys are imported into the database."""
     return aimass_home() / "gateway.db"
 
 
@@ -32,8 +34,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    add_database_argument(p)
     p.add_argument(
-        "--keys-db", metavar="PATH", help="API-key database (default $AIMASS_HOME/gateway.db)"
+        "--keys-db",
+        metavar="PATH",
+        help="a former SQLite key file whose keys to import (default $AIMASS_HOME/gateway.db)",
     )
     p.add_argument("--redis", metavar="URL", help="Redis for rate limits shared by replicas")
     p.add_argument("--idle-unload", type=float, default=600.0, metavar="S",
@@ -56,7 +61,6 @@ def register(subparsers) -> None:
     )
     add_engine_arguments(p)
     p.set_defaults(func=_serve)
-    register_keys_cli(subparsers, default_keys_db)
 
 
 def build_config(args: argparse.Namespace):
@@ -84,7 +88,8 @@ def build_config(args: argparse.Namespace):
     registry = args.registry or default_registry()
     return GatewayConfig(
         registry=registry,
-        keys_db=Path(args.keys_db) if args.keys_db else default_keys_db(),
+        database=args.database,
+        legacy_keys=Path(args.keys_db) if args.keys_db else default_keys_db(),
         host=args.host,
         redis_url=args.redis,
         max_body_bytes=args.max_body_kb * 1024,
@@ -118,6 +123,7 @@ def configure_logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     # deferred: uvicorn, and the app (onnxruntime, see build_config), load only to serve
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.app import create_app
 
@@ -126,22 +132,37 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(config)
     except (ValueError, OSError) as e:
         return fail(str(e))
+    except SQLAlchemyError as e:
+        return fail(f"database: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
     configure_logging()
     open_access = app.state.open_access
-    if not open_access and app.state.key_store.count() == 0:
+    if not open_access and not _credentials(app.state.db):
         return fail(
-            f"no API keys exist and --host {args.host} is not a loopback address: create one "
-            "with `aimass keys create --project NAME --scopes inference` first"
+            f"no users or API keys exist and --host {args.host} is not a loopback address: "
+            "create an admin with `aimass users create --admin` or a key with "
+            "`aimass keys create --project NAME --scopes inference` first"
         )
     where = f"http://{args.host}:{args.port}"
     if open_access:
         print(
-            f"aimass gateway on {where} WITHOUT authentication: no API keys exist and it "
-            "listens on loopback only. Create a key with `aimass keys create` to require keys.",
+            f"aimass gateway on {where} WITHOUT authentication: no users or API keys exist and "
+            "it listens on loopback only. Create an admin with `aimass users create --admin` "
+            "or a key with `aimass keys create`, then restart it, to require them.",
             file=sys.stderr,
             flush=True,
         )
     else:
-        print(f"aimass gateway on {where} (API keys required)", file=sys.stderr, flush=True)
+        print(
+            f"aimass gateway on {where} (API keys or sign-in required; database {app.state.db.url})",
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
+
+
+def _credentials(db) -> bool:
+    from controlplane.identity import credentials_exist  # deferred: sqlalchemy, see _serve
+
+    with db.session() as s:
+        return credentials_exist(s)

@@ -12,8 +12,15 @@ that has a row, so a subclass answers as its base unless it has a row of its own
     InvalidRequest                          400     invalid_request_error  invalid_value             max_tokens
     TemplateRaised, NoChatTemplate          400     invalid_request_error  chat_template             messages
     TooLargeForLimit                        400     invalid_request_error  tokens_exceed_limit       max_tokens
+    controlplane InvalidInput               400     invalid_request_error  invalid_value             its own
     MissingKey, InvalidKey                  401     invalid_request_error  invalid_api_key           -
+    controlplane Unauthenticated            401     invalid_request_error  unauthenticated           -
     PermissionDenied                        403     permission_error       missing_scope             -
+    controlplane Forbidden                  403     permission_error       forbidden                 -
+    controlplane NotFound                   404     invalid_request_error  not_found                 its own
+    controlplane Conflict                   409     invalid_request_error  conflict                  its own
+    controlplane TooLarge                   413     invalid_request_error  too_large                 its own
+    controlplane QuotaExceeded              429     rate_limit_error       quota_exceeded            -  (+Retry-After)
     ModelNotFound                           404     invalid_request_error  model_not_found           model
     litestar NotFoundException (route)      404     invalid_request_error  not_found                 -
     litestar MethodNotAllowedException      405     invalid_request_error  method_not_allowed        -  (+Allow)
@@ -30,7 +37,8 @@ that has a row, so a subclass answers as its base unless it has a row of its own
     LimiterUnavailable                      503     server_error           limiter_unavailable       -
     anything else                           500     server_error           internal_error            -  (logged with its traceback)
 
-The error classes live beside what raises them (engine/errors.py, gateway/auth/errors.py,
+The error classes live beside what raises them (engine/errors.py, controlplane/errors.py,
+controlplane/keys.py, gateway/auth/errors.py,
 gateway/limits/errors.py, gateway/models/errors.py, gateway/openai/errors.py,
 gateway/openai/chat_template.py), and none of those imports this module. `error_responses`
 documents a route's error statuses in OpenAPI from this same table.
@@ -42,6 +50,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http import HTTPStatus
 from operator import attrgetter
 from typing import Any
@@ -56,8 +65,18 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
 
+from controlplane.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+    Unauthenticated,
+)
+from controlplane.keys import InvalidKey
 from engine.errors import ContextOverflow, EngineDead, InvalidRequest, Overloaded
-from gateway.auth.errors import InvalidKey, MissingKey, PermissionDenied
+from gateway.auth.errors import MissingKey, PermissionDenied
 from gateway.limits.errors import LimiterUnavailable, RateLimited, TooLargeForLimit
 from gateway.models.errors import ModelLoading, ModelNotFound, ModelUnavailable
 from gateway.openai.chat_template import ChatTemplateError, NoChatTemplate, TemplateRaised
@@ -96,6 +115,11 @@ def _retry_after(exc: Any) -> dict[str, str]:
     return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+def _until_reset(exc: QuotaExceeded) -> dict[str, str]:
+    seconds = (exc.resets_at - datetime.now(UTC)).total_seconds()
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def _http_headers(exc: HTTPException) -> dict[str, str]:
     return dict(exc.headers or {})
 
@@ -121,6 +145,7 @@ INVALID, SERVER = "invalid_request_error", "server_error"
 _DETAIL: Rule = attrgetter("detail")
 _TEMPLATE_REFUSED = ErrorRow(400, INVALID, "chat_template", "messages")
 _BAD_KEY = ErrorRow(401, INVALID, "invalid_api_key")
+_PARAM: Rule = attrgetter("param")
 
 ERRORS: dict[type[BaseException], ErrorRow] = {
     # 400: the request, as sent, can never succeed
@@ -141,12 +166,18 @@ ERRORS: dict[type[BaseException], ErrorRow] = {
     TemplateRaised: _TEMPLATE_REFUSED,
     NoChatTemplate: _TEMPLATE_REFUSED,
     TooLargeForLimit: ErrorRow(400, INVALID, "tokens_exceed_limit", "max_tokens"),
+    InvalidInput: ErrorRow(400, INVALID, "invalid_value", _PARAM),
     # 401, 403: credentials
     MissingKey: _BAD_KEY,
     InvalidKey: _BAD_KEY,
+    Unauthenticated: ErrorRow(401, INVALID, "unauthenticated"),
     PermissionDenied: ErrorRow(403, "permission_error", "missing_scope"),
+    Forbidden: ErrorRow(403, "permission_error", "forbidden"),
     # 404, 405, 413: what was asked for is not here
     ModelNotFound: ErrorRow(404, INVALID, "model_not_found", "model"),
+    NotFound: ErrorRow(404, INVALID, "not_found", _PARAM),
+    Conflict: ErrorRow(409, INVALID, "conflict", _PARAM),
+    TooLarge: ErrorRow(413, INVALID, "too_large", _PARAM),
     NotFoundException: ErrorRow(404, INVALID, "not_found", message=_DETAIL),
     MethodNotAllowedException: ErrorRow(
         405, INVALID, "method_not_allowed", message=_DETAIL, headers=_http_headers
@@ -162,6 +193,7 @@ ERRORS: dict[type[BaseException], ErrorRow] = {
         "rate_limit_exceeded",
         headers=lambda e: _retry_after(e) | e.headers,
     ),
+    QuotaExceeded: ErrorRow(429, "rate_limit_error", "quota_exceeded", headers=_until_reset),
     ClientDisconnected: ErrorRow(499, INVALID, "client_disconnected"),
     # 500, 503: our side
     ChatTemplateError: ErrorRow(500, SERVER, "chat_template", log=True),

@@ -11,7 +11,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from gateway.auth.schemas import KeyRecord
+from controlplane.keys import KeyRecord
 from gateway.errors import error_responses
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
@@ -20,8 +20,8 @@ from gateway.openai.openapi import BEARER, generation_responses, json_or_events
 from gateway.openai.service import GenerationService, chat_template
 from gateway.openai.validation import InvalidParameter, tokenize_input
 
-INFERENCE = {"scopes": ("inference",)}
-READ = {"scopes": ("inference", "models:read")}
+INFERENCE = {"action": "inference"}
+READ = {"action": "models:read"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
 
 @post(
     "/v1/tokenize",
-    opt=READ,
+    opt=INFERENCE,
     status_code=200,
     summary="Tokenize a prompt or chat messages",
     security=BEARER,

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import msgspec
 
+from controlplane.keys import KeyRecord
 from engine.errors import EngineDead
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
-from gateway.auth.schemas import KeyRecord
 from gateway.errors import classify
 from gateway.limits.errors import RateLimited, TooLargeForLimit
 from gateway.limits.schemas import LimitDecision, headers, refusal_message

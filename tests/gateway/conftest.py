@@ -17,6 +17,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from controlplane.access import CLI
+from controlplane.db import Database
+from controlplane.identity import create_project, project_by_name
+from controlplane.keys import KeyRecord, create_key
 from engine.core import EngineCore
 from engine.loader import EngineConfig
 from gateway.app import GatewayConfig, create_app
@@ -48,9 +52,25 @@ def base_config(tmp_path: Path, registry: Path, **kw) -> GatewayConfig:
         resolve_ttl_s=0.2,
     )
     config = GatewayConfig(
-        registry=str(registry), keys_db=tmp_path / "gateway.db", models=models, limits=Limits()
+        registry=str(registry),
+        database=f"sqlite:///{tmp_path / 'aimass.db'}",
+        models=models,
+        limits=Limits(),
     )
     return replace(config, **kw)
+
+
+def make_key(database: str, project: str, scopes, **kw) -> tuple[KeyRecord, str]:
+    """A key of `project` (created if absent) made by the operator in the database at URL
+    `database`, migrated first: (its record, its plaintext). `kw`: create_key's options."""
+    db = Database.open(database)
+    try:
+        db.upgrade()
+        with db.session() as s:
+            p = project_by_name(s, project) or create_project(s, CLI, project)
+            return create_key(s, CLI, p.id, scopes, **kw)
+    finally:
+        db.close()
 
 
 class RunningGateway:

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from controlplane.access import CLI
 from engine.loader import EngineConfig
-from gateway.auth.service import KeyStore
 from gateway.openai.service import Limits
 from tests.gateway.conftest import (
     TIMEOUT,
@@ -26,6 +26,7 @@ from tests.gateway.conftest import (
     deployment,
     engine_stats,
     http,
+    make_key,
     metric,
     openai_client,
     running,
@@ -446,17 +447,16 @@ def keyed(tmp_path_factory, tiny_registry):
     """A gateway with keys (so not open access): (gateway, {kind: plaintext key})."""
     tmp = tmp_path_factory.mktemp("gw-keys")
     config = base_config(tmp, tiny_registry)
-    store = KeyStore(config.keys_db)
     keys = {
-        "inference": store.create("acme", ["inference"])[1],
-        "reader": store.create("acme", ["models:read"])[1],
-        "rpm2": store.create("acme", ["inference"], rpm=2)[1],
-        "tpm": store.create("acme", ["inference"], tpm=100)[1],
+        "inference": make_key(config.database, "acme", ["inference", "models:read"])[1],
+        "reader": make_key(config.database, "acme", ["models:read"])[1],
+        "rpm2": make_key(config.database, "acme", ["inference"], rpm=2)[1],
+        "tpm": make_key(config.database, "acme", ["inference"], tpm=100)[1],
+        "viewer": make_key(config.database, "acme", ["inference"], role="viewer")[1],
     }
-    revoked, keys["revoked"] = store.create("acme", ["inference"])
-    store.revoke(revoked.key_id)
-    store.close()
+    revoked, keys["revoked"] = make_key(config.database, "acme", ["inference"])
     with running(config) as g:
+        g.state.authenticator.revoke(CLI, revoked.project_id, revoked.key_id)
         assert not g.state.open_access
         yield g, keys
 
@@ -495,13 +495,21 @@ def test_scopes_decide_what_a_key_may_do(keyed):
         openai_client(gw, keys["revoked"]).models.list()
 
 
+def test_a_key_whose_role_lacks_an_action_its_scope_names_is_403(keyed):
+    gw, keys = keyed
+    with http(gw, **bearer(keys["viewer"])) as h:
+        error = assert_openai_error(h.post(C, json=OK | {"max_tokens": 2}), 403, "forbidden")
+    assert "role viewer" in error["message"]
+
+
 def test_a_revoked_key_stops_working_at_once(keyed):
     gw, _ = keyed
-    record, key = gw.state.key_store.create("acme", ["inference"])
+    record, key = make_key(gw.config.database, "acme", ["inference"])
     with http(gw, **bearer(key)) as h:
         assert h.post(C, json=OK | {"max_tokens": 2}).status_code == 200
-        gw.state.key_store.revoke(record.key_id)
-        assert_openai_error(h.post(C, json=OK | {"max_tokens": 2}), 401, "invalid_api_key")
+        gw.state.authenticator.revoke(CLI, record.project_id, record.key_id)
+        error = assert_openai_error(h.post(C, json=OK | {"max_tokens": 2}), 401, "invalid_api_key")
+    assert f"API key {record.key_id} was revoked at" in error["message"]
 
 
 # ── rate limits ──
@@ -571,9 +579,7 @@ def redis_reachable() -> bool:
 @pytest.mark.skipif(not redis_reachable(), reason=f"no Redis answers at {REDIS_URL}")
 def test_rate_limits_in_redis(tmp_path, tiny_registry):
     config = base_config(tmp_path, tiny_registry, redis_url=REDIS_URL)
-    store = KeyStore(config.keys_db)
-    _, key = store.create("acme", ["inference"], rpm=2)  # a fresh key id: fresh buckets
-    store.close()
+    _, key = make_key(config.database, "acme", ["inference"], rpm=2)  # fresh id: fresh buckets
     with running(config) as gw:
         check_rpm_limit(gw, key)
 
@@ -673,9 +679,7 @@ def test_a_client_that_hangs_up_is_charged_what_it_used(
     settlement is a round trip that the hang-up's cancellation must not cut."""
     slow_steps(monkeypatch, 0.01)
     config = base_config(tmp_path, tiny_registry, redis_url=redis_url)
-    store = KeyStore(config.keys_db)
-    _, key = store.create("acme", ["inference"], tpm=200)
-    store.close()
+    _, key = make_key(config.database, "acme", ["inference"], tpm=200)
     body = OK | {"max_tokens": 100, "stream": True}  # reserves 109 of the 200
     with running(config) as gw, http(gw, **bearer(key)) as h:
         with h.stream("POST", C, json=body) as r:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -18,8 +19,18 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 import gateway.errors
+from controlplane.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+    Unauthenticated,
+)
+from controlplane.keys import InvalidKey
 from engine.errors import ContextOverflow, EngineDead, EngineError, InvalidRequest, Overloaded
-from gateway.auth.errors import InvalidKey, MissingKey, PermissionDenied
+from gateway.auth.errors import MissingKey, PermissionDenied
 from gateway.errors import (
     ERRORS,
     ModelLoading,
@@ -75,6 +86,16 @@ ROWS = [
     (MissingKey("no key"), 401, INVALID, "invalid_api_key", None, {}),
     (InvalidKey("bad key"), 401, INVALID, "invalid_api_key", None, {}),
     (PermissionDenied("no scope", "inference"), 403, "permission_error", "missing_scope", None, {}),
+    (InvalidInput("role 'x'", "role"), 400, INVALID, "invalid_value", "role", {}),
+    (Unauthenticated("bad password"), 401, INVALID, "unauthenticated", None, {}),
+    (Forbidden("a viewer may not"), 403, "permission_error", "forbidden", None, {}),
+    (NotFound("no project", "project_id"), 404, INVALID, "not_found", "project_id", {}),
+    (Conflict("exists", "email"), 409, INVALID, "conflict", "email", {}),
+    (TooLarge("over 1 MB", "file"), 413, INVALID, "too_large", "file", {}),
+    (
+        QuotaExceeded("tokens_per_day used up", "tokens_per_day", datetime(2020, 1, 1, tzinfo=UTC)),
+        429, "rate_limit_error", "quota_exceeded", None, {"Retry-After": "1"},
+    ),
     (ModelNotFound("nope", "unknown"), 404, INVALID, "model_not_found", "model", {}),
     (NotFoundException(), 404, INVALID, "not_found", None, {}),
     (
@@ -115,6 +136,12 @@ def test_each_error_answers_its_row(exc, status, type_, code, param, headers):
 def test_the_rows_cover_every_table_entry():
     covered = {cls for exc, *_ in ROWS for cls in type(exc).__mro__ if cls in ERRORS}
     assert covered == set(ERRORS)
+
+
+def test_a_quota_answer_says_when_it_resets():
+    resets_at = datetime.now(UTC) + timedelta(seconds=90)
+    _, _, headers = classify(QuotaExceeded("used up", "tokens_per_day", resets_at))
+    assert 85 <= int(headers["Retry-After"]) <= 90
 
 
 def test_messages_are_the_errors_own_words():

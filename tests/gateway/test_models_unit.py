@@ -343,7 +343,7 @@ CHAT_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # fakes
 def fake_app(tmp_path, clock, loader):
     config = GatewayConfig(
         registry=str(tmp_path / "no-registry"),  # the catalog stands in for it
-        keys_db=tmp_path / "keys.db",
+        database=f"sqlite:///{tmp_path / 'aimass.db'}",
         models=ModelsConfig(idle_unload_s=60.0),
     )
     catalog = FakeCatalog({"tiny": 1}, production=1)

@@ -16,8 +16,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.auth.service import KeyStore
-from tests.gateway.conftest import base_config, running
+from tests.gateway.conftest import base_config, make_key, running
 
 CHECKS = [
     status_code_conformance,
@@ -42,9 +41,7 @@ GOOD = {
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory, tiny_registry):
     config = base_config(tmp_path_factory.mktemp("openapi"), tiny_registry)
-    store = KeyStore(config.keys_db)
-    _, key = store.create("acme", ["inference"])
-    store.close()
+    _, key = make_key(config.database, "acme", ["inference", "models:read"])
     with running(config) as gw:
         yield gw, key
 
