@@ -5,10 +5,10 @@ first, for whoever may see it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -49,10 +49,11 @@ def record(
 MAX_LIST = 1000
 
 
-@dataclass(frozen=True)
-class AuditView:
+class AuditView(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry as readers see it; `at` in unix seconds (UTC), as the API shows times."""
+
     id: int
-    at: datetime
+    at: int
     actor: str
     project_id: str | None  # None: a platform-wide change
     action: str
@@ -93,7 +94,15 @@ def list_audit(
         query = query.where(AuditEntry.id < after_id)
     return [
         AuditView(
-            e.id, e.at, e.actor, e.project_id, e.action, e.target, e.before, e.after, e.request_id
+            id=e.id,
+            at=int(e.at.timestamp()),
+            actor=e.actor,
+            project_id=e.project_id,
+            action=e.action,
+            target=e.target,
+            before=e.before,
+            after=e.after,
+            request_id=e.request_id,
         )  # fmt: skip
         for e in session.scalars(query)
     ]
