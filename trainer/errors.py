@@ -1,6 +1,21 @@
-"""The trainer's closed set of user-facing errors. Library code raises these; only the CLI exits."""
+"""The trainer's closed set of user-facing errors. Library code raises these; only the CLI exits.
+
+`DataError` (the corpus or dataset cannot be used) lives with the corpus reader in
+aimass_common/corpus.py, which the gateway also validates uploads with; it is re-exported here,
+and whoever reports a TrainerError to a user reports a DataError too.
+"""
 
 from __future__ import annotations
+
+from aimass_common.corpus import DataError
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "TrainerError",
+    "TrainingDiverged",
+]
 
 
 class TrainerError(Exception):
@@ -9,16 +24,6 @@ class TrainerError(Exception):
 
 class ConfigError(TrainerError, ValueError):
     """A configuration field has a bad value. The message names the field, value and limit."""
-
-
-class DataError(TrainerError):
-    """The corpus cannot be used. Carries the file and, where there is one, the 1-based line."""
-
-    def __init__(self, path, message: str, line: int | None = None):
-        self.path = str(path)
-        self.line = line
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {message}")
 
 
 class CheckpointError(TrainerError):

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from aimass_common.corpus import iter_texts, scan_corpus
 from aimass_common.files import staged_dir
 from trainer import checkpoint as ckpt
 from trainer import data, distributed
 from trainer.config import TrainConfig
-from trainer.corpus import iter_texts, scan_corpus
 from trainer.errors import CheckpointError, TrainingDiverged
 from trainer.metrics import MetricsLog, Progress, draw_charts
 from trainer.model import Transformer, token_losses
@@ -369,20 +369,24 @@ def run(
     *,
     resume: bool = False,
     on_step: Callable[[Trainer], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     dist: distributed.Dist | None = None,
 ) -> RunResult:
-    """Trains in an already-prepared run folder (see prepare_run) up to cfg.max_steps."""
+    """Trains in an already-prepared run folder (see prepare_run) up to cfg.max_steps.
+
+    `should_stop()`, asked after every step, stops the run as a signal does: a checkpoint at
+    that step, stop_reason "interrupted" (a job worker's cancel)."""
     run_dir = Path(run_dir)
     own_dist = dist is None
     dist = dist or distributed.setup(cfg.device)
     try:
-        return _loop(Trainer(cfg, run_dir, dist, resume), resume, on_step)
+        return _loop(Trainer(cfg, run_dir, dist, resume), resume, on_step, should_stop)
     finally:
         if own_dist:
             distributed.teardown(dist)
 
 
-def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
+def _loop(tr: Trainer, resume: bool, on_step, should_stop) -> RunResult:
     cfg, d = tr.cfg, tr.dist
     if resume:
         tr.restore()
@@ -400,10 +404,9 @@ def _loop(tr: Trainer, resume: bool, on_step) -> RunResult:
             interval_time += step_time
             interval_tokens += cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
             # every rank must agree to stop at the same step, or the others hang in all-reduce
+            requested = flag.requested or (should_stop is not None and should_stop())
             stop = bool(
-                d.all_reduce(
-                    torch.tensor([float(flag.requested)]), op=torch.distributed.ReduceOp.MAX
-                )
+                d.all_reduce(torch.tensor([float(requested)]), op=torch.distributed.ReduceOp.MAX)
             )
             is_eval = tr.step % cfg.eval_every == 0 or tr.step == cfg.max_steps
             val_loss = tr.evaluate() if is_eval else None

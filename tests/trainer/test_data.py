@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import corpus as corpus_module
+from aimass_common import corpus as corpus_module
+from aimass_common.corpus import iter_texts, scan_corpus
 from trainer import data
-from trainer.corpus import iter_texts, scan_corpus
 from trainer.data import TokenDataset, build_dataset
 from trainer.errors import DataError
 from trainer.tokenizer import IM_END, Tokenizer, train_bpe

@@ -1,4 +1,7 @@
-"""Reading a corpus and checking all of it before anything is trained.
+"""Reading a corpus and checking all of it before anything is trained (or uploaded).
+
+Torch-free, so the gateway validates an uploaded training file with exactly the code the trainer
+reads it with (the trainer and the control plane both import it from here).
 
 Inputs: a .txt/.md file (one document), a .jsonl file of `{"text": ...}` lines or of
 `{"messages": [{"role", "content"}, ...]}` lines (chat: loss on the assistant's turns only), or a
@@ -16,8 +19,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-
-from trainer.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
@@ -52,6 +53,19 @@ class Corpus:
     n_documents: int  # text files, text records and conversations that hold any text
     n_bytes: int  # size of the files on disk
     sha256: str  # of the files' contents in order; names do not count, so moving a corpus keeps it
+
+
+class DataError(Exception):
+    """The corpus cannot be used. Carries the file and, where there is one, the 1-based line.
+
+    The trainer's data pipeline raises it too (trainer.errors re-exports it)."""
+
+    def __init__(self, path, message: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.reason = message  # without the file and line, for callers that name the file
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {message}")
 
 
 class Record(NamedTuple):
