@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import msgspec
 
 from controlplane.keys import KeyRecord
+from controlplane.quotas import Quotas
+from controlplane.settings import SettingsCache
+from controlplane.usage import UsageRecorder
 from engine.errors import EngineDead
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
@@ -73,6 +76,7 @@ class Generation:
     key_id: str
     reserved: int
     decision: LimitDecision | None
+    project_id: str | None = None  # whose usage it is (None: open access, not metered)
 
     @property
     def deployment(self) -> Deployment:
@@ -90,8 +94,13 @@ class GenerationService:
         limiter: RateLimiter,
         metrics: GatewayMetrics,
         limits: Limits,
+        *,
+        usage: UsageRecorder | None = None,  # metering: every generation's tokens, when it ends
+        quotas: Quotas | None = None,  # project token quotas, checked before admission
+        settings: SettingsCache | None = None,  # platform defaults of per-key rate limits
     ):
         self.models, self.limiter, self.metrics, self.limits = models, limiter, metrics, limits
+        self.usage, self.quotas, self.settings = usage, quotas, settings
         self._settling: set[asyncio.Task] = set()  # rate-limit settlements under way
 
     # ── accept ──
@@ -100,6 +109,8 @@ class GenerationService:
         """Everything up to the engine's acceptance; raises the errors of the status table."""
         check_request(req)
         key_id = key.key_id if key else "anonymous"
+        if key is not None:
+            await self._check_quota(key.project_id)
         lease = await self.models.acquire(req.model, sticky=key.key_id if key else req.user)
         if lease.cold_start:
             self.metrics.cold_starts_total.labels(req.model).inc()
@@ -144,7 +155,8 @@ class GenerationService:
             if decision is not None and decision.allowed:
                 await self.limiter.settle(key_id, reserved, 0)
             raise
-        return Generation(req, lease, stream, len(ids), n, key_id, reserved, decision)
+        project_id = key.project_id if key else None
+        return Generation(req, lease, stream, len(ids), n, key_id, reserved, decision, project_id)
 
     def _prompt_ids(self, req: AnyRequest, d: Deployment) -> list[int]:
         if isinstance(req, api.ChatCompletionRequest):
@@ -178,8 +190,9 @@ class GenerationService:
     ) -> LimitDecision | None:
         rpm = key.requests_per_minute if key else None
         tpm = key.tokens_per_minute if key else None
-        rpm = rpm if rpm is not None else self.limits.requests_per_minute
-        tpm = tpm if tpm is not None else self.limits.tokens_per_minute
+        defaults = await self._settings()
+        rpm = _first(rpm, defaults.get("requests_per_minute"), self.limits.requests_per_minute)
+        tpm = _first(tpm, defaults.get("tokens_per_minute"), self.limits.tokens_per_minute)
         if rpm is None and tpm is None:
             return None
         decision = await self.limiter.check_request(key_id, rpm, tpm, tokens)
@@ -191,6 +204,21 @@ class GenerationService:
             raise RateLimited(refusal_message(decision), decision.retry_after_s, headers(decision))
         return decision
 
+    async def _check_quota(self, project_id: str) -> None:
+        """QuotaExceeded if the project used a quota up; off the database while cached."""
+        if self.quotas is None:
+            return
+        if self.quotas.stale(project_id):
+            await asyncio.to_thread(self.quotas.refresh, project_id)
+        self.quotas.check(project_id)
+
+    async def _settings(self) -> dict:
+        if self.settings is None:
+            return {}
+        if self.settings.stale():
+            return await asyncio.to_thread(self.settings.refresh)
+        return self.settings.values()
+
     # ── answer ──
 
     async def complete(self, g: Generation) -> api.Completion | api.ChatCompletion:
@@ -199,6 +227,7 @@ class GenerationService:
         tokens: list[list] = [[] for _ in range(g.n)]
         finish: list[str | None] = [None] * g.n
         used = [0] * g.n  # output tokens of each choice so far
+        failed = False
         try:
             async for out in g.stream:
                 if out.finish_reason == "error":
@@ -209,8 +238,11 @@ class GenerationService:
                 if out.finished:
                     finish[out.index] = out.finish_reason
                     self._observe(g, out)
+        except (EngineDead, OutputFailed):
+            failed = True
+            raise
         finally:
-            await self._end(g, sum(used))
+            await self._end(g, sum(used), failed)
         completion = sum(used)
         usage = api.Usage(g.prompt_tokens, completion, g.prompt_tokens + completion)
         model = g.request.model
@@ -246,6 +278,7 @@ class GenerationService:
         # output tokens of each choice so far: a client that hangs up is charged for them too
         used = [0] * g.n
         enc = msgspec.json.encode
+        failed = False
         try:
             if chat:  # OpenAI opens each choice with the role
                 for i in range(g.n):
@@ -286,26 +319,31 @@ class GenerationService:
                 yield _event(enc(cls(id=rid, created=created, model=model, choices=[],
                                      usage=usage)))  # fmt: skip
         except EngineDead as e:
+            failed = True
             log.error("engine failed mid-stream: %s", e)
             self.metrics.engine_errors_total.labels(model, "dead").inc()
             _, body, _ = classify(e)
             yield _event(enc(body))
         except OutputFailed as e:
+            failed = True
             _, body, _ = classify(e)  # a fault on our side: logged there
             yield _event(enc(body))
         finally:
-            await self._end(g, sum(used))
+            await self._end(g, sum(used), failed)
         yield b"data: [DONE]\n\n"
 
     # ── helpers ──
 
-    async def _end(self, g: Generation, completion_tokens: int) -> None:
+    async def _end(self, g: Generation, completion_tokens: int, failed: bool) -> None:
         """However the request ended: close the stream (aborts it if unfinished), return the
-        lease, charge the tokens really used."""
+        lease, meter and charge the tokens really used."""
         try:
             await g.stream.aclose()
         finally:
             g.lease.release()
+            if self.usage is not None and g.project_id is not None:
+                self.usage.record(g.project_id, g.key_id, g.request.model, g.prompt_tokens,
+                                  completion_tokens, error=failed)  # fmt: skip
             if g.decision is not None:
                 # A client that hangs up cancels the task this runs in (the stream's), and keeps
                 # cancelling each await: the settlement runs as a task of its own, shielded, or
@@ -376,6 +414,11 @@ def chat_template(d: Deployment) -> ChatTemplate:
     compiled once per source text (`chat_template._compile`)."""
     info = d.info
     return ChatTemplate(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+
+
+def _first(*values: int | None) -> int | None:
+    """The first value that is set: a key's own limit, the platform's default, the gateway's."""
+    return next((v for v in values if v is not None), None)
 
 
 def _event(data: bytes) -> bytes:
