@@ -18,6 +18,7 @@ held). Every change by a person or key is audited; a worker's finish is audited 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -435,19 +436,36 @@ def last_metrics_step(s: Session, job_id: str) -> int:
     return int(steps[0]["step"]) if steps else 0
 
 
-def own_model_name(s: Session, job_id: str, worker_id: str) -> str:
+def own_model_name(
+    s: Session, job_id: str, worker_id: str, registry_versions: Callable[[str], list] | None = None
+) -> str:
     """The registry name the job's model is pushed under, made the job's project's (a row in
-    model_owners, audited). Conflict when another project owns it."""
+    model_owners, audited). Conflict when another project owns it, or when it is a shared model
+    already in the registry (`registry_versions(name)` lists its versions)."""
     row = s.get(Job, job_id)
     name = model_name(row.id, row.suffix)
     owner = s.get(ModelOwner, name)
     if owner is not None and owner.project_id != row.project_id:
         raise Conflict(f"the model name {name!r} belongs to another project", "suffix")
     if owner is None:
+        if registry_versions is not None and registry_versions(name):
+            raise Conflict(f"the model name {name!r} is a shared registry model; choose another "
+                           "suffix", "suffix")  # fmt: skip
         s.add(ModelOwner(name=name, project_id=row.project_id, created_at=utcnow()))
         audit.record(s, _worker(worker_id), "model.own", name, project_id=row.project_id,
                      after={"project_id": row.project_id, "job": job_id})  # fmt: skip
     return name
+
+
+def release(s: Session, job_id: str, worker_id: str, message: str) -> None:
+    """Put a job this worker stopped at a checkpoint (it is shutting down) back in the queue;
+    the attempt does not count against max_attempts."""
+    row = s.get(Job, job_id, populate_existing=True, with_for_update=True)
+    if row is None or row.worker_id != worker_id or row.status != "running":
+        raise LeaseLost(f"job {job_id} is no longer held by worker {worker_id}")
+    row.status, row.worker_id, row.lease_until = "queued", None, None
+    row.attempts = max(0, row.attempts - 1)
+    _event(s, job_id, "info", f"worker {worker_id} stopped: {message}; the job is queued again")
 
 
 def finish(

@@ -87,6 +87,9 @@ class Lineage(msgspec.Struct, kw_only=True):
     checkpoint_sha256: str | None = None  # sha256 of its model.safetensors
     checkpoint_step: int | None = None
     export_code_revision: str | None = None  # git commit of the exporter
+    job: str | None = None  # the fine-tuning job that trained it (ftjob-…)
+    training_file_sha256: str | None = None  # sha256 of the job's uploaded training file
+    hyperparameters: dict[str, Any] | None = None  # as the job was given them
 
 
 class Quantization(msgspec.Struct, kw_only=True):

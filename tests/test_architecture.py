@@ -17,7 +17,9 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("aimass_common", "trainer", "registry", "engine", "exporters", "gateway", "controlplane")
+PACKAGES = (
+    "aimass_common", "trainer", "registry", "engine", "exporters", "gateway", "controlplane", "worker"
+)  # fmt: skip
 
 # What a function may import lazily: dependencies that are heavy to import (torch, TensorRT, ONNX
 # Runtime's quantization tools, matplotlib, uvicorn) or optional for most users (boto3 for S3,
