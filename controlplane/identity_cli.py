@@ -48,7 +48,46 @@ def _keys(sub, common) -> None:
     c.add_argument("key_id", metavar="KEY_ID", help="the 8 characters after 'aim_'")
 
 
-COMMANDS = [("keys", "API keys: create, list, revoke", _keys)]
+def _users(sub, common) -> None:
+    c = sub.add_parser("create", parents=[common], help="add a person (password asked twice)")
+    c.add_argument("--email", required=True)
+    c.add_argument("--name", required=True, help="the display name")
+    c.add_argument("--admin", action="store_true", help="a platform admin (may do everything)")
+    c.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin (scripts)")  # fmt: skip
+    sub.add_parser("list", parents=[common], help="every person")
+    c = sub.add_parser("disable", parents=[common], help="no more sign-in; sessions end")
+    c.add_argument("email")
+
+
+def _projects(sub, common) -> None:
+    c = sub.add_parser("create", parents=[common], help="a new project")
+    c.add_argument("name")
+    c.add_argument("--owner", metavar="EMAIL", help="a person who owns it (default: none)")
+    sub.add_parser("list", parents=[common], help="every project")
+    c = sub.add_parser("delete", parents=[common], help="delete a project with its keys, jobs")
+    c.add_argument("name")
+
+
+def _members(sub, common) -> None:
+    c = sub.add_parser("list", parents=[common], help="a project's members")
+    c.add_argument("project")
+    for name, help in (("add", "add a person by email"), ("set-role", "change a role")):
+        c = sub.add_parser(name, parents=[common], help=help)
+        c.add_argument("project")
+        c.add_argument("email")
+        c.add_argument("role", choices=("viewer", "developer", "admin", "owner"))
+    c = sub.add_parser("remove", parents=[common], help="remove a member")
+    c.add_argument("project")
+    c.add_argument("email")
+
+
+COMMANDS = [
+    ("keys", "API keys: create, list, revoke", _keys),
+    ("users", "people: create (the first admin), list, disable", _users),
+    ("projects", "projects: create, list, delete", _projects),
+    ("members", "a project's members and roles: list, add, set-role, remove", _members),
+]
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -30,11 +30,22 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from controlplane.access import LOCAL, Principal
 from controlplane.db import Database
-from controlplane.identity import credentials_exist
+from controlplane.errors import Forbidden
+from controlplane.identity import credentials_exist, csrf_matches
 from controlplane.keys import KeyAuthenticator
 from controlplane.legacy_keys import import_legacy_keys
-from gateway.auth.service import key_principal, require_action
+from gateway.auth.service import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    ModelOwners,
+    key_principal,
+    require_action,
+    session_principal,
+)
 from gateway.clock import Clock, monotonic
+from gateway.control import auth_routes, project_routes
 from gateway.errors import classify
 from gateway.limits.service import RateLimiter, make_rate_limiter
 from gateway.metrics import GatewayMetrics
@@ -98,11 +109,33 @@ async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> N
         # or no key is accepted (clients such as openai's insist on sending one)
         connection.state["principal"] = LOCAL
         return
-    principal, key = await key_principal(
-        state.authenticator, connection.headers.get("authorization")
-    )
+    authorization = connection.headers.get("authorization")
+    cookie = connection.cookies.get(SESSION_COOKIE)
+    if authorization or not cookie:  # a program's key (MissingKey when there is neither)
+        principal, connection.state["key"] = await key_principal(state.authenticator, authorization)
+    else:  # a person's session
+        principal, signed_in = await session_principal(state.db, cookie)
+        if connection.scope["method"] not in SAFE_METHODS:
+            await _check_csrf(connection, signed_in.csrf_token)
+        connection.state["session"] = signed_in
     require_action(principal, action)
-    connection.state["principal"], connection.state["key"] = principal, key
+    connection.state["principal"] = principal
+
+
+async def _check_csrf(connection: ASGIConnection, expected: str) -> None:
+    """A state-changing request signed in by cookie carries the session's CSRF token (header,
+    or a form field for HTML forms): another site can make a browser send the cookie, never
+    the token."""
+    given = connection.headers.get(CSRF_HEADER)
+    content_type = connection.headers.get("content-type", "")
+    if given is None and content_type.startswith("application/x-www-form-urlencoded"):
+        form = await Request(connection.scope, connection.receive).form()  # cached for the handler
+        given = form.get(CSRF_FIELD)
+    if not csrf_matches(expected, given):
+        raise Forbidden(
+            f"a request signed in by the session cookie must carry the session's CSRF token in "
+            f"the {CSRF_HEADER} header (or a {CSRF_FIELD} form field)"
+        )
 
 
 def _principal(request: Request) -> Principal:
@@ -302,11 +335,19 @@ def create_app(
             "metrics": metrics,
             "db": db,
             "authenticator": KeyAuthenticator(db, clock=clock),
+            "model_owners": ModelOwners(db, clock=clock),
             "open_access": open_access,
         }
     )
     return Litestar(
-        route_handlers=[*ROUTES, healthz, readyz, metrics_route],
+        route_handlers=[
+            *ROUTES,
+            *auth_routes.ROUTES,
+            *project_routes.ROUTES,
+            healthz,
+            readyz,
+            metrics_route,
+        ],
         dependencies={
             "models": Provide(lambda: models, sync_to_thread=False),
             "generation": Provide(_generation, sync_to_thread=False),

@@ -1,22 +1,36 @@
-"""A request's credentials → the Principal it acts as (controlplane.access).
+"""A request's credentials → the Principal it acts as (controlplane.access), and which models
+that principal may see.
 
 Programs send `Authorization: Bearer aim_<id>_<secret>`: the key is checked against the
 control-plane database by `controlplane.keys.KeyAuthenticator` (its cache answers without I/O;
-a lookup runs in a thread, off the event loop). Every route names its action in `opt`; a key
-whose scopes or role can never allow that action is refused here (403) before any work. The
-project-level check (`access.authorize`) is the service's, which knows the project.
+a lookup runs in a thread, off the event loop). People send the session cookie that
+`POST /v1/auth/login` set (`SESSION_COOKIE`); a state-changing request signed in that way must
+also carry the session's CSRF token. Every route names its action in `opt`; a key whose scopes
+or role can never allow that action is refused here (403) before any work. The project-level
+check (`access.authorize`) is the service's, which knows the project.
+
+A model name owned by a project (`model_owners`) is absent to everyone outside it:
+`ModelOwners` keeps the table in memory for `ttl_s` (5 s) and answers `hidden(principal, name)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 from controlplane.access import ACTIONS, PLATFORM_ACTIONS, ROLE_ACTIONS, SCOPES, Principal
+from controlplane.db import Database
 from controlplane.errors import Forbidden
+from controlplane.identity import SignedIn, may_see_model, model_owners, session_of
 from controlplane.keys import KeyAuthenticator, KeyRecord, principal_of
 from gateway.auth.errors import MissingKey, PermissionDenied
 
 AUTHENTICATED = "authenticated"  # a route any signed-in principal may call
+SESSION_COOKIE = "aimass_session"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"  # the form field, for HTML forms that cannot set a header
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def parse_bearer(header_value: str | None) -> str:
@@ -24,7 +38,10 @@ def parse_bearer(header_value: str | None) -> str:
 
     The messages never repeat the header: it may hold a secret sent under the wrong scheme."""
     if not header_value or not header_value.strip():
-        raise MissingKey("missing API key: send the header 'Authorization: Bearer aim_...'")
+        raise MissingKey(
+            "not signed in: send the header 'Authorization: Bearer aim_...' (an API key), or "
+            "sign in with POST /v1/auth/login"
+        )
     scheme, _, token = header_value.strip().partition(" ")
     if scheme.lower() != "bearer":
         raise MissingKey(
@@ -43,6 +60,16 @@ async def key_principal(
     token = parse_bearer(authorization)
     record = keys.cached(token) or await asyncio.to_thread(keys.authenticate, token)
     return principal_of(record), record
+
+
+async def session_principal(db: Database, token: str) -> tuple[Principal, SignedIn]:
+    """The person a session cookie signs in (`Unauthenticated` otherwise)."""
+
+    def read() -> tuple[Principal, SignedIn]:
+        with db.session() as s:
+            return session_of(s, token)
+
+    return await asyncio.to_thread(read)
 
 
 def require_action(principal: Principal, action: str) -> None:
@@ -67,3 +94,38 @@ def require_action(principal: Principal, action: str) -> None:
         raise Forbidden(
             f"API key {principal.id} has the role {principal.role}, which may not {action}"
         )
+
+
+class ModelOwners:
+    """Which project each owned model name belongs to, read at most every `ttl_s` seconds: a
+    model made a project's on another replica is hidden here within that bound."""
+
+    def __init__(
+        self, db: Database, *, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self.db, self.ttl_s, self._clock = db, ttl_s, clock
+        self._owners: dict[str, str] = {}
+        self._read_at: float | None = None
+
+    async def hidden(self, principal: Principal, name: str) -> bool:
+        """Whether the model `name` belongs to a project `principal` is not in."""
+        now = self._clock()
+        if self._read_at is None or now - self._read_at >= self.ttl_s:
+            self._owners = await asyncio.to_thread(self._read)
+            self._read_at = now
+        owner = self._owners.get(name)
+        if owner is None or principal.is_admin or principal.kind == "key":
+            return not may_see_model(None, principal, owner)  # no database needed
+        return not await asyncio.to_thread(self._member, principal, owner)
+
+    def forget(self) -> None:
+        """Read the table again at the next question (after a change through this process)."""
+        self._read_at = None
+
+    def _read(self) -> dict[str, str]:
+        with self.db.session() as s:
+            return model_owners(s)
+
+    def _member(self, principal: Principal, owner: str) -> bool:
+        with self.db.session() as s:
+            return may_see_model(s, principal, owner)

@@ -13,12 +13,15 @@ from litestar.response import Stream
 
 from controlplane.keys import KeyRecord
 from gateway.errors import error_responses
+from gateway.models.errors import ModelNotFound
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.errors import ClientDisconnected
 from gateway.openai.openapi import BEARER, generation_responses, json_or_events
 from gateway.openai.service import GenerationService, chat_template
 from gateway.openai.validation import InvalidParameter, tokenize_input
+from registry.errors import RegistryError
+from registry.names import Ref, parse_ref
 
 INFERENCE = {"action": "inference"}
 READ = {"action": "models:read"}
@@ -30,7 +33,30 @@ def _key(request: Request) -> KeyRecord | None:
     return request.state.get("key")
 
 
+async def _visible(request: Request, model: str | None) -> None:
+    """A model of a project the caller is not in is absent to them: the same 404, word for
+    word, as a name the registry does not have (controlplane `model_owners`)."""
+    principal = request.state.get("principal")
+    try:
+        ref = parse_ref(model) if model is not None and principal is not None else None
+    except RegistryError:
+        return  # routing refuses the spelling itself
+    if ref is not None and await request.app.state.model_owners.hidden(principal, ref.name):
+        raise _absent(ref)
+
+
+def _absent(ref: Ref) -> ModelNotFound:
+    """What routing (gateway/models/routing.py) answers for a name the registry lacks."""
+    if ref.alias is not None:
+        return ModelNotFound(str(ref), f"{ref.name} has no alias {ref.alias!r}")
+    if ref.version is not None:
+        return ModelNotFound(str(ref), f"{ref.name}:{ref.version} does not exist")
+    detail = f"model {ref.name!r} has no production alias; name a version or an alias"
+    return ModelNotFound(ref.name, f"{detail} ({ref.name}:VERSION)")
+
+
 async def _generate(request: Request, data, service: GenerationService):
+    await _visible(request, data.model)
     try:
         g = await service.start(data, _key(request))
     finally:
@@ -114,8 +140,10 @@ async def chat_completions(
     security=BEARER,
     responses=error_responses(401, 403, 500),
 )
-async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
+async def list_models(request: Request, models: NamedDependency[ModelManager]) -> api.ModelList:
     registry = models.registry
+    principal = request.state["principal"]
+    hidden = request.app.state.model_owners.hidden
 
     def read() -> list[api.Model]:
         found = []
@@ -126,7 +154,10 @@ async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
             found += [api.Model(id=f"{name}@{a}", created=_ts(r)) for a, r in aliases.items()]
         return found
 
-    return api.ModelList(data=await asyncio.to_thread(read))
+    found = await asyncio.to_thread(read)
+    return api.ModelList(
+        data=[m for m in found if not await hidden(principal, m.id.partition("@")[0])]
+    )
 
 
 @post(
@@ -138,10 +169,11 @@ async def list_models(models: NamedDependency[ModelManager]) -> api.ModelList:
     responses=error_responses(400, 401, 403, 404, 413, 500, 503),
 )
 async def tokenize(
-    data: JSONBody[api.TokenizeRequest], models: NamedDependency[ModelManager]
+    request: Request, data: JSONBody[api.TokenizeRequest], models: NamedDependency[ModelManager]
 ) -> api.TokenizeResponse:
     if data.model is None:
         raise InvalidParameter("model", "model is required")
+    await _visible(request, data.model)
     async with await models.acquire(data.model) as lease:
         d = lease.deployment
         source = tokenize_input(data)
