@@ -19,10 +19,17 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from controlplane.access import ACTIONS, PLATFORM_ACTIONS, ROLE_ACTIONS, SCOPES, Principal
+from controlplane.access import (
+    ACTIONS,
+    PLATFORM_ACTIONS,
+    ROLE_ACTIONS,
+    SCOPES,
+    Principal,
+    authorize,
+)
 from controlplane.db import Database
 from controlplane.errors import Forbidden
-from controlplane.identity import SignedIn, may_see_model, model_owners, session_of
+from controlplane.identity import SignedIn, may_see_model, model_owners, role_of, session_of
 from controlplane.keys import KeyAuthenticator, KeyRecord, principal_of
 from gateway.auth.errors import MissingKey, PermissionDenied
 
@@ -107,8 +114,10 @@ class ModelOwners:
         self._owners: dict[str, str] = {}
         self._read_at: float | None = None
 
-    async def hidden(self, principal: Principal, name: str) -> bool:
-        """Whether the model `name` belongs to a project `principal` is not in."""
+    async def hidden(self, principal: Principal, name: str, action: str = "models:read") -> bool:
+        """Whether the model `name` belongs to a project `principal` is not in. A member whose
+        role does not allow `action` on it is refused (`Forbidden`): a key's role was checked
+        with the route's action already."""
         now = self._clock()
         if self._read_at is None or now - self._read_at >= self.ttl_s:
             self._owners = await asyncio.to_thread(self._read)
@@ -116,7 +125,7 @@ class ModelOwners:
         owner = self._owners.get(name)
         if owner is None or principal.is_admin or principal.kind == "key":
             return not may_see_model(None, principal, owner)  # no database needed
-        return not await asyncio.to_thread(self._member, principal, owner)
+        return not await asyncio.to_thread(self._member, principal, owner, action)
 
     def forget(self) -> None:
         """Read the table again at the next question (after a change through this process)."""
@@ -126,6 +135,9 @@ class ModelOwners:
         with self.db.session() as s:
             return model_owners(s)
 
-    def _member(self, principal: Principal, owner: str) -> bool:
+    def _member(self, principal: Principal, owner: str, action: str) -> bool:
         with self.db.session() as s:
-            return may_see_model(s, principal, owner)
+            if not may_see_model(s, principal, owner):
+                return False
+            authorize(principal, action, owner, lambda p, u: role_of(s, p, u))
+            return True

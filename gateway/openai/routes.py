@@ -33,15 +33,17 @@ def _key(request: Request) -> KeyRecord | None:
     return request.state.get("key")
 
 
-async def _visible(request: Request, model: str | None) -> None:
+async def _visible(request: Request, model: str | None, action: str = "inference") -> None:
     """A model of a project the caller is not in is absent to them: the same 404, word for
-    word, as a name the registry does not have (controlplane `model_owners`)."""
+    word, as a name the registry does not have (controlplane `model_owners`); a member whose
+    role does not allow `action` is refused (403)."""
     principal = request.state.get("principal")
     try:
         ref = parse_ref(model) if model is not None and principal is not None else None
     except RegistryError:
         return  # routing refuses the spelling itself
-    if ref is not None and await request.app.state.model_owners.hidden(principal, ref.name):
+    owners = request.app.state.model_owners
+    if ref is not None and await owners.hidden(principal, ref.name, action):
         raise _absent(ref)
 
 

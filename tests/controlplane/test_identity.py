@@ -4,14 +4,18 @@ rules, the audit trail, and which models a principal may see."""
 
 from __future__ import annotations
 
+import argparse
+import io
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
 from sqlalchemy import select
 
+from controlplane import cli as controlplane_cli
 from controlplane import identity
-from controlplane.access import CLI, Principal
+from controlplane.access import ACTIONS, CLI, ROLE_ACTIONS, ROLES, SCOPES, Principal
 from controlplane.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from controlplane.models import AuditEntry, ModelOwner, User, utcnow
 from controlplane.models import Session as SessionRow
@@ -200,3 +204,80 @@ def test_a_model_of_a_project_is_absent_to_everyone_else(db):
         assert identity.may_see_model(s, CLI, a)
         key_b = Principal("key", "k", project_id=b, role="owner", scopes=("inference",))
         assert not identity.may_see_model(s, key_b, a)
+
+
+def test_the_roles_table_in_docs_is_the_code():
+    """docs/platform.md's roles table: one row per action, ticks and scopes as access.py has."""
+    text = (Path(__file__).parents[2] / "docs" / "platform.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].strip("`") in ACTIONS:
+            rows[cells[0].strip("`")] = cells[1:]
+    assert set(rows) == set(ACTIONS)
+    for action, cells in rows.items():
+        assert [r for r, c in zip(ROLES, cells[:4], strict=True) if c == "✓"] == [
+            r for r in ROLES if action in ROLE_ACTIONS[r]
+        ], action
+        named = {s.strip("` ") for s in cells[4].split(",")} - {"—"}
+        assert named == {s for s, (_, acts) in SCOPES.items() if action in acts}, action
+
+
+# ── the CLI: `aimass users|projects|members`, as `aimass` builds its parser ──
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
+    parser = argparse.ArgumentParser(prog="aimass")
+    controlplane_cli.register(parser.add_subparsers(dest="command", required=True))
+    url = f"sqlite:///{tmp_path / 'aimass.db'}"
+
+    def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        args = parser.parse_args([*argv, "--database", url])
+        code = args.func(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_cli_bootstraps_an_admin_and_manages_members(cli):
+    code, out, _ = cli("users", "create", "--email", "Root@Example.org", "--name", "Root",
+                       "--admin", "--password-stdin", "--json", stdin=PASSWORD + "\n")  # fmt: skip
+    assert code == 0 and '"email":"root@example.org"' in out and '"is_admin":true' in out
+    assert PASSWORD not in out and "argon2" not in out
+    assert cli("users", "create", "--email", "bob@example.org", "--name", "Bob",
+               "--password-stdin", stdin=PASSWORD + "\n")[0] == 0  # fmt: skip
+    assert cli("projects", "create", "acme", "--owner", "root@example.org")[0] == 0
+    assert cli("members", "add", "acme", "bob@example.org", "developer")[0] == 0
+    code, out, _ = cli("members", "list", "acme")
+    assert "bob@example.org  developer" in out and "root@example.org  owner" in out
+    code, _, err = cli("members", "set-role", "acme", "root@example.org", "admin")
+    assert code == 2 and err.startswith("aimass: error: cannot demote the last owner")
+    assert cli("members", "set-role", "acme", "bob@example.org", "owner")[0] == 0
+    assert cli("members", "remove", "acme", "root@example.org")[0] == 0
+    code, out, _ = cli("users", "disable", "bob@example.org")
+    assert code == 0 and "disabled" in out
+    assert cli("projects", "delete", "acme")[0] == 0
+    assert cli("projects", "list")[1] == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "message"),
+    [
+        (["users", "create", "--email", "a@b.org", "--name", "A"], "", "pass --password-stdin"),
+        (["users", "create", "--email", "a@b.org", "--name", "A", "--password-stdin"], "short\n",
+         "password must have 8..1024 characters"),
+        (["users", "create", "--email", "nope", "--name", "A", "--password-stdin"], PASSWORD,
+         "email 'nope' must be an address"),
+        (["users", "disable", "nobody@b.org"], "", "no user with the email 'nobody@b.org'"),
+        (["members", "list", "ghost"], "", "no project named 'ghost'"),
+        (["projects", "create", " spaced"], "", "surrounding spaces"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_line_and_exit_2(cli, argv, stdin, message):
+    code, out, err = cli(*argv, stdin=stdin)
+    assert (code, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("aimass: error: ") and message in err

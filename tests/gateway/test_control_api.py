@@ -240,7 +240,7 @@ def test_a_viewers_key_is_refused_what_its_scopes_name_but_its_role_lacks(gw):
 
 
 def test_a_key_or_member_of_one_project_never_sees_anothers(gw):
-    a, b = new_project(gw, {"developer": "developer"}), new_project(gw, {})
+    a, b = new_project(gw, {"developer": "developer"}), new_project(gw, {"viewer": "viewer"})
     with gw.state.db.session() as s:
         _, key_a = create_key(s, CLI, a, ["admin", "inference", "models:read"])
         identity.own_model(s, CLI, b, "tiny")  # the registry's model is b's now
@@ -265,6 +265,10 @@ def test_a_key_or_member_of_one_project_never_sees_anothers(gw):
             assert_openai_error(h.get(f"/v1/projects/{b}/members"), 404)
         with sign_in(gw, "owner") as h:  # b's owner sees it
             assert "tiny" in {m["id"] for m in h.get("/v1/models").json()["data"]}
+        with sign_in(gw, "viewer") as h:  # b's viewer sees it, and may not generate with it
+            assert "tiny" in {m["id"] for m in h.get("/v1/models").json()["data"]}
+            body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+            assert_openai_error(h.post("/v1/completions", json=body), 403, "forbidden")
     finally:
         with gw.state.db.session() as s:
             s.delete(s.get(ModelOwner, "tiny"))
