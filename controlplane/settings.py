@@ -114,6 +114,14 @@ def set_value(session: Session, principal: Principal, name: str, value: Any) -> 
     return value
 
 
+def set_values(session: Session, principal: Principal, values: dict[str, Any]) -> dict[str, Any]:
+    """Change several settings at once (all or none: one bad value changes nothing); every
+    setting's value after."""
+    for name, value in values.items():
+        set_value(session, principal, name, value)
+    return get_all(session)
+
+
 def _no_members(project_id: str, user_id: str) -> str | None:
     return None  # settings are platform-wide: no project role grants them
 
@@ -145,6 +153,10 @@ class SettingsCache:
         with self._lock:
             self._values, self._read_at = values, self.clock()
         return values
+
+    def invalidate(self) -> None:
+        """The next read goes to the database (after this process changed a setting)."""
+        self._read_at = None
 
     def values(self) -> dict[str, Any]:
         """Every setting, re-read first if stale."""

@@ -34,6 +34,9 @@ from controlplane.errors import Forbidden
 from controlplane.identity import credentials_exist, csrf_matches
 from controlplane.keys import KeyAuthenticator
 from controlplane.legacy_keys import import_legacy_keys
+from controlplane.quotas import Quotas
+from controlplane.settings import SettingsCache
+from controlplane.usage import UsageRecorder
 from gateway.auth.service import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -45,7 +48,7 @@ from gateway.auth.service import (
     session_principal,
 )
 from gateway.clock import Clock, monotonic
-from gateway.control import auth_routes, project_routes
+from gateway.control import auth_routes, project_routes, usage_routes
 from gateway.errors import classify
 from gateway.limits.service import RateLimiter, make_rate_limiter
 from gateway.metrics import GatewayMetrics
@@ -79,8 +82,14 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     # serverless lifecycle and engine settings
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    # seconds between writes of usage counts to the database (a clean stop writes the rest)
+    usage_flush_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.usage_flush_s <= 3600:
+            raise ValueError(
+                f"GatewayConfig.usage_flush_s = {self.usage_flush_s} must be in (0, 3600]"
+            )
         if self.max_body_bytes < 1024:
             raise ValueError(
                 f"GatewayConfig.max_body_bytes = {self.max_body_bytes} must be >= 1024"
@@ -312,19 +321,29 @@ def create_app(
         db.upgrade()
     if config.legacy_keys is not None:
         import_legacy_keys(db, config.legacy_keys)
+    settings = SettingsCache(db, clock=clock)
+    usage = UsageRecorder(db, flush_every_s=config.usage_flush_s)
+    quotas = Quotas(db, settings, usage, clock=clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         rates = limiter
         if rates is None:
             rates = await make_rate_limiter(config.redis_url, clock=clock)
-        app.state.generation = GenerationService(models, rates, metrics, config.limits)
+        app.state.generation = GenerationService(
+            models, rates, metrics, config.limits, usage=usage, quotas=quotas, settings=settings
+        )
         await models.start()
+        usage.start()
         try:
             yield
         finally:
-            await models.close()
+            await models.close()  # requests end first: their usage is recorded
             await rates.close()
+            try:
+                await asyncio.to_thread(usage.close)
+            except Exception as e:  # the database is gone: say what is lost
+                log.error("usage not written at shutdown: %s", e)
             db.close()
 
     with db.session() as s:
@@ -334,6 +353,7 @@ def create_app(
             "config": config,
             "metrics": metrics,
             "db": db,
+            "settings": settings,
             "authenticator": KeyAuthenticator(db, clock=clock),
             "model_owners": ModelOwners(db, clock=clock),
             "open_access": open_access,
@@ -344,6 +364,7 @@ def create_app(
             *ROUTES,
             *auth_routes.ROUTES,
             *project_routes.ROUTES,
+            *usage_routes.ROUTES,
             healthz,
             readyz,
             metrics_route,

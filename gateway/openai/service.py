@@ -101,6 +101,7 @@ class GenerationService:
     ):
         self.models, self.limiter, self.metrics, self.limits = models, limiter, metrics, limits
         self.usage, self.quotas, self.settings = usage, quotas, settings
+        self._reading: dict[str, asyncio.Future] = {}  # database reads under way, by what
         self._settling: set[asyncio.Task] = set()  # rate-limit settlements under way
 
     # ── accept ──
@@ -209,15 +210,25 @@ class GenerationService:
         if self.quotas is None:
             return
         if self.quotas.stale(project_id):
-            await asyncio.to_thread(self.quotas.refresh, project_id)
+            await self._read_once(f"quota:{project_id}", self.quotas.refresh, project_id)
         self.quotas.check(project_id)
 
     async def _settings(self) -> dict:
         if self.settings is None:
             return {}
         if self.settings.stale():
-            return await asyncio.to_thread(self.settings.refresh)
+            return await self._read_once("settings", self.settings.refresh)
         return self.settings.values()
+
+    async def _read_once(self, what: str, read, *args):
+        """`read(*args)` in a thread, once for every request that finds the same cache stale at
+        the same time (32 streams would otherwise send 32 identical queries)."""
+        future = self._reading.get(what)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.to_thread(read, *args))
+            self._reading[what] = future
+            future.add_done_callback(lambda _: self._reading.pop(what, None))
+        return await asyncio.shield(future)
 
     # ── answer ──
 
