@@ -29,6 +29,15 @@ Dummy rows are rare: as requests finish, the scheduler compacts the running ones
 slots (holes that waiting requests are about to take are left to them), and the runner moves
 their cache rows (`move()`) before the step's forwards.
 
+Mixed forwards (`mixed=True`): ONNX Runtime 1.32's GroupQueryAttention has an optional input,
+`query_seqlens`, each row's real tokens in a right-padded chunk; with it one forward may carry
+decodes, later chunks and first prompts on different pasts (exact: tests/engine/
+test_mixed_prefill.py), and a row of 0 tokens is idle. The exported graph does not take it, so
+a mixed runner adds it at load, and merges two neighbouring forwards of the plan above where
+the padded one costs fewer rows than the forward it saves (`_cost`). Padding is computed like
+real tokens, so that is rare: 8 decodes beside a one-token chunk merge, beside 16 tokens they
+do not (9 × 16 rows against 8 + 16).
+
 Dims come from the graph's inputs, so the engine needs no model code. The exporter's parity
 harness (exporters/runner.py) runs the same forward, so parity is measured on what serves.
 """
@@ -46,7 +55,7 @@ import onnxruntime as ort
 
 from engine import graph
 from engine.hugepages import Advised, HugePages, advise_huge_pages, anonymous_regions
-from engine.kv_memory import HostKV
+from engine.kv_memory import HostKV, trim_heap
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 # the setting users pick → ONNX Runtime's provider list (first preferred; CPU runs what is left)
@@ -307,6 +316,11 @@ class OrtRunner(StepRunner):
         # spinning worker threads answer the next parallel section sooner but hold their cores
         # between forwards, from the Python of the step and from anything else on the machine
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+        # activations from the C heap, not ONNX Runtime's CPU arena: the arena keeps the most a
+        # batched prefill ever took (~100 MiB at 32 slots) and never gives it back; the heap's
+        # free pages go back when the engine is idle (release()). Decode speed unchanged
+        # (docs/engine.md, "Memory and cold start")
+        opts.enable_cpu_mem_arena = False
         providers = check_provider(provider)
         before = anonymous_regions() if huge_pages else set()
         model = _with_query_seqlens(Path(path), opts) if mixed else str(path)
@@ -384,6 +398,8 @@ class OrtRunner(StepRunner):
         super().release(slot)
         if self._host_kv is not None:
             self._host_kv.release(slot)
+            if not self.lengths.any():  # the engine holds no tokens: idle, or about to be
+                trim_heap()
 
     @property
     def can_move(self) -> bool:
