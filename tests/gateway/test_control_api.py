@@ -16,12 +16,14 @@ from controlplane.access import ACTIONS, CLI, ROLE_ACTIONS, ROLES
 from controlplane.db import Database
 from controlplane.keys import create_key
 from controlplane.models import ModelOwner
+from tests.controlplane.conftest import postgres_url  # noqa: F401 (a fixture)
 from tests.gateway.conftest import (
     assert_openai_error,
     base_config,
     http,
     running,
 )
+from tests.gateway.fakes import FakeClock
 
 PASSWORD = "correct horse battery"
 PEOPLE = (*ROLES, "outsider", "extra")  # one person per role, one in no project, one to add
@@ -298,3 +300,39 @@ def test_platform_admins_manage_people(gw):
             assert new.get("/v1/auth/me").status_code == 200
             assert h.post(f"/v1/users/{r.json()['id']}/disable").json()["disabled_at"]
             assert_openai_error(new.get("/v1/auth/me"), 401)  # its sessions ended
+
+
+# ── two replicas on one PostgreSQL ──
+
+
+@pytest.mark.slow
+def test_two_replicas_share_keys_and_revocation_reaches_both(
+    tmp_path,
+    tiny_registry,
+    postgres_url,  # noqa: F811 (the fixture imported above)
+    monkeypatch,
+):
+    """A key made through one gateway works on the other; revoked through the first, it stops
+    there at once and on the second within its cache's 5 s (its clock, advanced by the test)."""
+    monkeypatch.setattr(
+        identity, "_HASHER", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    )
+    db = Database.open(postgres_url)
+    db.upgrade()
+    with db.session() as s:
+        identity.create_user(s, CLI, "root@example.org", "root", PASSWORD, is_admin=True)
+    db.close()
+    config = base_config(tmp_path, tiny_registry, database=postgres_url)
+    clock = FakeClock()
+    with running(config) as a, running(config, clock=clock) as b, sign_in(a, "root") as h:
+        project = h.post("/v1/projects", json={"name": "shared"}).json()["id"]
+        r = h.post(f"/v1/projects/{project}/api_keys", json={"scopes": ["models:read"]})
+        created = r.json()
+        key = {"Authorization": f"Bearer {created['key']}"}
+        with http(a, **key) as on_a, http(b, **key) as on_b:
+            assert on_a.get("/v1/models").status_code == on_b.get("/v1/models").status_code == 200
+            h.delete(f"/v1/projects/{project}/api_keys/{created['id']}")
+            assert_openai_error(on_a.get("/v1/models"), 401, "invalid_api_key")  # at once
+            assert on_b.get("/v1/models").status_code == 200  # b trusts its cache ...
+            clock.advance(5.0)
+            assert_openai_error(on_b.get("/v1/models"), 401, "invalid_api_key")  # ... 5 s at most
