@@ -8,8 +8,13 @@
 
     python benchmarks/engine_memory.py PACKAGE                     # both, 3 cold runs
     python benchmarks/engine_memory.py PACKAGE --only memory --slots 32 --hold 16384
+    python benchmarks/engine_memory.py PACKAGE --baseline HEAD~3   # that commit against this tree
 
-Numbers are printed as one JSON line per run, then a summary (medians).
+A cold start as a server has it takes a package pulled into the local cache (`aimass registry
+pull` prints its folder): the pull's record of verified files spares the load from hashing them.
+`--baseline REV` extracts the engine, registry and aimass_common of a commit (`git archive`) and
+alternates its runs with this tree's, each in a fresh process; the summary gives both medians and
+their ratio. Numbers are printed as one JSON line per run, then a summary (medians).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("engine", "registry", "aimass_common")  # what an engine load imports of the project
 
 
 def _status(key: str) -> int:
@@ -50,9 +58,19 @@ def _timed(owner, name: str, phases: dict[str, float], label: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def cold(conn, package: str, slots: int, threads: int) -> None:
+def _import_from(root: str) -> None:
+    """Puts `root` first on sys.path, so that the project's packages import from it (this tree
+    or a baseline's extract)."""
+    sys.path.insert(0, root)
+    import engine  # noqa: PLC0415  (after the path is set: which tree is measured)
+
+    if not Path(engine.__file__).is_relative_to(root):
+        raise RuntimeError(f"engine imported from {engine.__file__}, not from {root}")
+
+
+def cold(conn, root: str, package: str, slots: int, threads: int) -> None:
     start = time.perf_counter()
-    sys.path.insert(0, str(ROOT))
+    _import_from(root)
     import onnxruntime as ort  # noqa: F401  (timed: part of a cold start)
 
     from engine import loader, runner
@@ -72,12 +90,45 @@ def cold(conn, package: str, slots: int, threads: int) -> None:
     while not any(o.token_ids for o in core.step()):
         pass
     t2 = time.perf_counter()
-    phases |= {"load": t1 - t0, "first token": t2 - t1, "load → first token": t2 - t0}
+    phases |= {
+        "load": t1 - t0,
+        "first token": t2 - t1,
+        "load → first token": t2 - t0,
+        "imports → first token": t2 - start,
+    }
     conn.send({"phases": phases, "peak_rss": _status("VmHWM"), "rss": _status("VmRSS")})
 
 
-def memory(conn, package: str, slots: int, hold: int, threads: int) -> None:
-    sys.path.insert(0, str(ROOT))
+def speed(conn, root: str, package: str, streams: list[int], tokens: int, threads: int) -> None:
+    """Decode tokens per second with `n` streams decoding together, for each n in `streams`
+    (64-token prompts; the steps that prefill are left out)."""
+    _import_from(root)
+    from engine.loader import EngineConfig, open_core
+    from engine.request import EngineRequest, SamplingParams
+
+    core, _ = open_core(package, EngineConfig(n_slots=max(streams), threads=threads))
+    result = {}
+    for n in streams:
+        for i in range(n):
+            prompt = tuple(100 + (i * 7 + j) % 40000 for j in range(64))
+            core.add(
+                EngineRequest(f"{n}-{i}", prompt, tokens, sampling=SamplingParams(temperature=0))
+            )
+        seconds = emitted = 0.0
+        while core.has_work():
+            start = time.perf_counter()
+            outputs = core.step()
+            if core.scheduler.usage().slots_used == n and all(
+                len(o.token_ids) == 1 for o in outputs
+            ):  # a step of n decodes
+                seconds += time.perf_counter() - start
+                emitted += len(outputs)
+        result[f"decode tok/s, {n} streams"] = emitted / seconds
+    conn.send(result)
+
+
+def memory(conn, root: str, package: str, slots: int, hold: int, threads: int) -> None:
+    _import_from(root)
     from engine.loader import EngineConfig, open_core
     from engine.request import EngineRequest, SamplingParams
 
@@ -120,32 +171,79 @@ def run(target, *args) -> dict:
     return result
 
 
+def extract(rev: str) -> str:
+    """The project's packages as of commit `rev`, in a folder of their own."""
+    folder = tempfile.mkdtemp(prefix=f"aimass-{rev.replace('/', '-')}-")
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, *PACKAGES], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def alternate(trees: dict[str, str], rounds: int, target, *args) -> dict[str, list[dict]]:
+    """`rounds` runs of target per tree, the trees' order swapped every round."""
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for i in range(rounds):
+        for name in list(trees)[:: 1 if i % 2 == 0 else -1]:
+            runs[name].append(run(target, trees[name], *args))
+    return runs
+
+
+def _summary(label: str, runs: dict[str, list[dict]], figure, unit: str) -> None:
+    """One line: each tree's median of figure(run), and the ratio of the last to the first."""
+    medians = [statistics.median(figure(r) for r in rs) for rs in runs.values()]
+    line = "  ".join(f"{m:10.3f}" for m in medians)
+    ratio = f"  {medians[-1] / medians[0]:5.2f}×" if len(medians) > 1 and medians[0] else ""
+    print(f"  {label:34s} {line} {unit}{ratio}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("package")
-    p.add_argument("--only", choices=["cold", "memory"])
-    p.add_argument("--runs", type=int, default=3, help="cold starts")
+    p.add_argument("--only", choices=["cold", "memory", "speed"])
+    p.add_argument("--runs", type=int, default=3, help="cold starts (per tree)")
+    p.add_argument("--memory-runs", type=int, default=1, help="memory runs (per tree)")
+    p.add_argument("--baseline", metavar="REV", help="a commit to alternate with this tree")
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--cold-slots", type=int, default=8)
     p.add_argument("--hold", type=int, default=16384, help="cached tokens held together")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--streams", default="1,8", help="speed: streams decoding together")
+    p.add_argument("--speed-runs", type=int, default=3, help="speed runs (per tree)")
     args = p.parse_args(argv)
+    trees = {"this tree": str(ROOT)}
+    if args.baseline:
+        trees = {args.baseline: extract(args.baseline), **trees}
     mib = 1 << 20
+    print(f"{'':36s} " + "  ".join(f"{name[:10]:>10s}" for name in trees))
     if args.only in (None, "cold"):
-        runs = [run(cold, args.package, args.cold_slots, args.threads) for _ in range(args.runs)]
+        runs = alternate(trees, args.runs, cold, args.package, args.cold_slots, args.threads)
         print(f"cold start, {args.cold_slots} slots, medians of {args.runs}:")
-        for phase in runs[0]["phases"]:
-            print(f"  {phase:32s} {statistics.median(r['phases'][phase] for r in runs):.3f} s")
-        print(f"  peak RSS {statistics.median(r['peak_rss'] for r in runs) / mib:.0f} MiB")
+        phases = dict.fromkeys(k for rs in runs.values() for k in rs[0]["phases"])
+        for phase in phases:
+            _summary(phase, runs, lambda r, k=phase: r["phases"].get(k, 0.0), "s")
+        _summary("peak RSS", runs, lambda r: r["peak_rss"] / mib, "MiB")
     if args.only in (None, "memory"):
-        r = run(memory, args.package, args.slots, args.hold, args.threads)
-        print(
-            f"memory, {args.slots} slots: weights {r['weights_bytes'] / mib:.0f} MiB, idle RSS "
-            f"{r['idle_rss'] / mib:.0f} MiB; {r['tokens_held']} tokens held: peak RSS "
-            f"{r['peak_rss'] / mib:.0f} MiB (cache resident {r['kv_resident_at_peak'] / mib:.0f}"
-            f" of {r['kv_reserved'] / mib:.0f} MiB reserved); after: RSS "
-            f"{r['rss_after'] / mib:.0f} MiB, cache {r['kv_resident_after'] / mib:.0f} MiB"
+        config = (args.package, args.slots, args.hold, args.threads)
+        runs = alternate(trees, args.memory_runs, memory, *config)
+        weights = next(iter(runs.values()))[0]["weights_bytes"] / mib
+        print(f"memory, {args.slots} slots, {args.hold} tokens held; weights {weights:.0f} MiB:")
+        _summary("idle RSS", runs, lambda r: r["idle_rss"] / mib, "MiB")
+        _summary("peak RSS", runs, lambda r: r["peak_rss"] / mib, "MiB")
+        _summary("cache resident at peak", runs, lambda r: r["kv_resident_at_peak"] / mib, "MiB")
+        _summary("RSS after (idle again)", runs, lambda r: r["rss_after"] / mib, "MiB")
+        _summary(
+            "  of which above the weights", runs, lambda r: r["rss_after"] / mib - weights, "MiB"
         )
+        _summary("cache resident after", runs, lambda r: r["kv_resident_after"] / mib, "MiB")
+    if args.only in (None, "speed"):
+        streams = [int(n) for n in args.streams.split(",")]
+        config = (args.package, streams, 128, args.threads)
+        runs = alternate(trees, args.speed_runs, speed, *config)
+        print(f"decode speed, 128 tokens a stream, medians of {args.speed_runs}:")
+        for key in next(iter(runs.values()))[0]:
+            _summary(key, runs, lambda r, k=key: r[k], "tok/s")
 
 
 if __name__ == "__main__":

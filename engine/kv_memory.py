@@ -22,6 +22,11 @@ The mapping is advised MADV_NOHUGEPAGE: a 2 MiB page would be backed whole on it
 a slot's whole row resident, and its neighbours'), and a kernel with THP "always" would do that
 unasked. engine/hugepages.py leaves the mapping alone: the runner maps it after collapsing the
 weights.
+
+The other memory a step uses, the graph's activations, comes from the C heap (the runner turns
+ONNX Runtime's CPU arena off, which would keep the most a batched prefill ever took for good);
+`trim_heap()` gives its free pages back once the whole cache is released, so an engine gone
+idle holds its weights and little else.
 """
 
 from __future__ import annotations
@@ -91,8 +96,19 @@ class HostKV:
         return int(np.count_nonzero(np.frombuffer(vec, np.uint8) & 1)) * PAGE
 
 
+def trim_heap() -> bool:
+    """Hands the free pages of every malloc arena back to the kernel (glibc's malloc_trim: the
+    heap's top is shrunk and free pages inside it are released): what the activations of the
+    last steps took and freed stops counting in RSS. Whether any was given back: never where
+    the C library has no malloc_trim (not glibc)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    return bool(trim(0)) if trim is not None else False
+
+
 @cache
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc

@@ -5,6 +5,7 @@ max_tokens fit (engine/kv_memory.py, engine/kv_cache.py, StepRunner.release)."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import random
 import sys
@@ -13,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine import runner as runner_module
 from engine.async_engine import AsyncEngine
 from engine.kv_cache import WAIT_KV_TOKENS, WAIT_SLOT
-from engine.kv_memory import PAGE, HostKV
+from engine.kv_memory import PAGE, HostKV, trim_heap
 from engine.loader import EngineConfig, open_core
 from engine.request import EngineRequest, SamplingParams
 from engine.runner import OrtRunner
@@ -23,6 +25,13 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.test_scheduler import BASE, FakeModel, alone, request, step
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="mincore and /proc/self/smaps")
+
+
+def vm_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def smaps_rss(address: int) -> int:
@@ -150,6 +159,42 @@ def test_an_idle_engine_holds_no_cache_once_its_requests_finish(tiny_package):
     s = asyncio.run(stats())
     assert s.kv_resident_bytes == 0 and s.memory_bytes == info.weights_bytes > 0
     assert s.kv_tokens_total == info.kv_tokens == 128 and s.queue_waiting_for == ""
+
+
+@linux
+def test_trim_heap_gives_back_what_was_freed_inside_the_heap():
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_trim"):
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 64 MiB in blocks below malloc's mmap threshold, all freed but the highest: a hole inside
+    # the heap, which free() alone does not give back (only a free top of the heap goes back)
+    blocks = sorted(libc.malloc(32 << 10) for _ in range(2048))
+    for b in blocks:
+        ctypes.memset(b, 1, 32 << 10)
+    for b in blocks[:-1]:
+        libc.free(b)
+    freed = vm_rss()
+    assert trim_heap()
+    assert vm_rss() < freed - (48 << 20)
+    libc.free(blocks[-1])
+
+
+def test_the_runner_keeps_no_arena_and_trims_the_heap_once_no_slot_holds_tokens(
+    tiny_package, monkeypatch
+):
+    r = runner(tiny_package)
+    assert r.session.get_session_options().enable_cpu_mem_arena is False
+    trims = []
+    monkeypatch.setattr(runner_module, "trim_heap", lambda: trims.append(r.lengths.copy()))
+    prefill(r, 2, 40)
+    prefill(r, 3, 40, seed=1)
+    r.move(3, 0, 40)  # the source is released while the destination holds its tokens
+    r.release(2)
+    assert trims == []
+    r.release(0)
+    assert len(trims) == 1 and not trims[0].any()
 
 
 # ── the pool, on the scheduler alone (no runtime) ──
