@@ -74,6 +74,8 @@ class GatewayConfig:
     legacy_keys: Path | None = None
     # where the gateway listens; auth may be off only on a loopback address
     host: str = "127.0.0.1"
+    # how long a person's sign-in lasts (the session cookie and its row)
+    session_ttl_s: float = 12 * 3600.0
     # Redis URL for rate limits shared by gateway replicas; None keeps them in memory
     redis_url: str | None = None
     # bytes of request body accepted (413 above)
@@ -86,6 +88,11 @@ class GatewayConfig:
     usage_flush_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 60 <= self.session_ttl_s <= 30 * 86400:
+            raise ValueError(
+                f"GatewayConfig.session_ttl_s = {self.session_ttl_s} must be in [60, 2592000] "
+                "(a minute to 30 days)"
+            )
         if not 0 < self.usage_flush_s <= 3600:
             raise ValueError(
                 f"GatewayConfig.usage_flush_s = {self.usage_flush_s} must be in (0, 3600]"

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
         help="a former SQLite key file whose keys to import (default $AIMASS_HOME/gateway.db)",
     )
     p.add_argument("--redis", metavar="URL", help="Redis for rate limits shared by replicas")
+    p.add_argument("--session-hours", type=float, default=12.0, metavar="H",
+                   help="how long a person's sign-in lasts")  # fmt: skip
     p.add_argument("--idle-unload", type=float, default=600.0, metavar="S",
                    help="unload a model idle this long (0 = never)")  # fmt: skip
     p.add_argument("--memory-budget-mb", type=int, default=0,
@@ -72,6 +74,8 @@ def build_config(args: argparse.Namespace):
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port={args.port} must be in 1..65535")
+    if not 1 / 60 <= args.session_hours <= 720:
+        raise ValueError(f"--session-hours={args.session_hours} must be in [0.017, 720]")
     for flag, value in (("--rpm", args.rpm), ("--tpm", args.tpm)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}={value} must be >= 1")
@@ -91,6 +95,7 @@ def build_config(args: argparse.Namespace):
         database=args.database,
         legacy_keys=Path(args.keys_db) if args.keys_db else default_keys_db(),
         host=args.host,
+        session_ttl_s=args.session_hours * 3600,
         redis_url=args.redis,
         max_body_bytes=args.max_body_kb * 1024,
         limits=Limits(

@@ -15,6 +15,8 @@ it), Path=/, Secure when the request came over https, and lives as long as the s
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
@@ -23,7 +25,6 @@ from litestar.params import FromPath
 
 from controlplane import identity
 from controlplane.access import Principal
-from controlplane.models import utcnow
 from gateway.auth.service import SESSION_COOKIE
 from gateway.control import schemas as api
 from gateway.control.schemas import ts
@@ -47,9 +48,11 @@ async def login(request: Request) -> Response[api.SignedIn]:
         body = msgspec.convert({k: form.get(k) for k in ("email", "password")}, api.Login)
     else:
         body = msgspec.json.decode(await request.body(), type=api.Login)
-    signed_in, token = await in_transaction(_db(request), identity.login, body.email, body.password)
-    ttl = int((signed_in.expires_at - utcnow()).total_seconds())
-    cookie = Cookie(key=SESSION_COOKIE, value=token, max_age=ttl, path="/", httponly=True,
+    ttl = timedelta(seconds=request.app.state.config.session_ttl_s)
+    signed_in, token = await in_transaction(
+        _db(request), identity.login, body.email, body.password, ttl=ttl
+    )
+    cookie = Cookie(key=SESSION_COOKIE, value=token, max_age=int(ttl.total_seconds()), path="/", httponly=True,
                     samesite="lax", secure=request.url.scheme == "https")  # fmt: skip
     answer = api.SignedIn(user=user(signed_in.user), csrf_token=signed_in.csrf_token,
                           expires_at=ts(signed_in.expires_at))  # fmt: skip

@@ -16,6 +16,7 @@ from controlplane.access import ACTIONS, CLI, ROLE_ACTIONS, ROLES
 from controlplane.db import Database
 from controlplane.keys import create_key
 from controlplane.models import ModelOwner
+from gateway.app import GatewayConfig
 from tests.controlplane.conftest import postgres_url  # noqa: F401 (a fixture)
 from tests.gateway.conftest import (
     assert_openai_error,
@@ -85,10 +86,17 @@ def test_login_sets_a_safe_cookie_and_returns_the_csrf_token(gw):
         cookie = r.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=lax" in cookie and "path=/" in cookie
         assert "secure" not in cookie  # plain http: a Secure cookie would never come back
+        assert "max-age=43200" in cookie  # the session's 12 hours (GatewayConfig.session_ttl_s)
         assert h.get("/v1/auth/me").json()["user"]["email"] == "viewer@example.org"
         r = h.post("/v1/auth/login", json={"email": "viewer@example.org", "password": PASSWORD},
                    headers={"X-Forwarded-Proto": "https"})  # fmt: skip
         assert "secure" in r.headers["set-cookie"].lower()
+
+
+def test_a_session_lasts_a_minute_to_30_days():
+    for hours in (0.01, 24 * 31):
+        with pytest.raises(ValueError, match=r"session_ttl_s = .* must be in \[60, 2592000\]"):
+            GatewayConfig(registry="r", session_ttl_s=hours * 3600)
 
 
 def test_login_takes_a_form_too(gw):
