@@ -1,9 +1,12 @@
 """Training files: uploaded, validated by the trainer's own corpus reader, stored, listed, served
 back and deleted — what OpenAI's `client.files.*` calls.
 
-    spool = Spool(store.spool_dir, limit)           # the route writes the upload's bytes here
+    project_id, limit = begin_upload(s, principal, project)     # files:write, before any byte
+    spool = Spool(store.spool_dir, limit, spool_suffix(filename))
     for chunk in body: spool.write(chunk)           # TooLarge (413) past the limit, naming it
-    view = upload(db, store, principal, project=None, purpose="fine-tune", filename=..., spooled=spool.close())
+    check_form(purpose, filename)
+    view = upload(db, store, principal, project_id=project_id, purpose=purpose, filename=filename,
+                  spooled=spool.close())
 
 An upload is validated before anything is stored (`aimass_common.corpus.scan_corpus`, the code
 `aimass train` reads a corpus with): a binary file, bad UTF-8 or a malformed JSONL line is refused
@@ -195,17 +198,19 @@ def upload_limit(s: Session) -> int:
 # ── the service ──
 
 
-def check_upload(
-    s: Session, principal: Principal, project: str | None, purpose: str, filename: str
-) -> str:
-    """Before any byte is read: the project (files:write in it) and the form's fields."""
+def begin_upload(s: Session, principal: Principal, project: str | None) -> tuple[str, int]:
+    """Before any byte is read: the project (files:write in it) and the upload limit."""
     project_id = project_scope(s, principal, project)
     authorize(principal, "files:write", project_id, role_lookup(s))
+    return project_id, upload_limit(s)
+
+
+def check_form(purpose: str, filename: str) -> None:
+    """The form's fields: a known purpose, a file name with a corpus extension."""
     if purpose not in PURPOSES:
         raise InvalidInput(f"purpose {purpose!r} is not supported; use {', '.join(PURPOSES)}",
                            "purpose")  # fmt: skip
     check_filename(filename)
-    return project_id
 
 
 def check_filename(filename: str) -> str:

@@ -48,7 +48,8 @@ def store(tmp_path):
 
 def upload(db, store, principal, data: bytes, filename="corpus.jsonl", project=None, limit=1 << 20):
     with db.session() as s:
-        project_id = files.check_upload(s, principal, project, "fine-tune", filename)
+        project_id, _ = files.begin_upload(s, principal, project)
+    files.check_form("fine-tune", filename)
     spool = files.Spool(store.spool_dir, limit, files.spool_suffix(filename))
     for i in range(0, len(data), 7):  # in pieces, as a stream arrives
         spool.write(data[i : i + 7])
@@ -112,10 +113,11 @@ def test_an_upload_over_the_limit_is_refused_naming_the_limit(db, store):
 def test_fields_are_checked_before_any_byte(db):
     p = project(db)
     with db.session() as s:
-        with pytest.raises(InvalidInput, match="purpose 'assistants' is not supported"):
-            files.check_upload(s, key_of(p), None, "assistants", "a.jsonl")
-        with pytest.raises(InvalidInput, match=r"unsupported extension '\.pdf'"):
-            files.check_upload(s, key_of(p), None, "fine-tune", "a.pdf")
+        assert files.begin_upload(s, key_of(p), None) == (p, 512 << 20)
+    with pytest.raises(InvalidInput, match="purpose 'assistants' is not supported"):
+        files.check_form("assistants", "a.jsonl")
+    with pytest.raises(InvalidInput, match=r"unsupported extension '\.pdf'"):
+        files.check_form("fine-tune", "a.pdf")
 
 
 def test_list_filters_orders_and_pages(db, store):
@@ -160,9 +162,9 @@ def test_another_projects_file_is_absent_and_a_viewer_cannot_upload(db, store):
         with pytest.raises(NotFound):
             files.retrieve(s, member(db, b, "owner"), view.id)
         with pytest.raises(Forbidden):
-            files.check_upload(s, member(db, a, "viewer"), None, "fine-tune", "x.jsonl")
+            files.begin_upload(s, member(db, a, "viewer"), None)
         with pytest.raises(NotFound, match="no project 'b'"):
-            files.check_upload(s, key_of(a), "b", "fine-tune", "x.jsonl")
+            files.begin_upload(s, key_of(a), "b")
 
 
 def test_the_operator_acts_in_the_default_project(db, store):

@@ -45,7 +45,7 @@ class Platform:
 
     def upload(self, data: bytes, filename: str = "corpus.jsonl") -> str:
         with self.db.session() as s:
-            project_id = files.check_upload(s, CLI, None, "fine-tune", filename)
+            project_id, _ = files.begin_upload(s, CLI, None)
         spool = files.Spool(self.store.spool_dir, 1 << 30, files.spool_suffix(filename))
         spool.write(data)
         view = files.upload(self.db, self.store, CLI, project_id=project_id, purpose="fine-tune",
