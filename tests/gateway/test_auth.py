@@ -14,6 +14,7 @@ from controlplane.errors import Forbidden
 from controlplane.keys import InvalidKey, KeyAuthenticator
 from gateway.auth.errors import MissingKey, PermissionDenied
 from gateway.auth.service import AUTHENTICATED, parse_bearer, require_action
+from tests.controlplane.test_keys import legacy_file
 
 
 def test_parse_bearer():
@@ -134,3 +135,15 @@ def test_cli_unreachable_database_is_exit_1(tmp_path, capsys, monkeypatch):
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("aimass: error: database: ") and err.count("\n") == 1
+
+
+def test_cli_imports_the_former_key_file_once(keys_cli, tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    legacy_file(home / "gateway.db", [("aaaaaaaa", "acme", ["inference"], False, None)])
+    assert keys_cli("list") == 0
+    out, err = capsys.readouterr()
+    assert "imported 1 API keys from the former gateway.db" in err
+    assert out.startswith("aaaaaaaa  acme  inference  developer")
+    assert keys_cli("list") == 0
+    assert "imported" not in capsys.readouterr().err  # once
