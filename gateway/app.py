@@ -31,6 +31,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from controlplane.access import LOCAL, Principal
 from controlplane.db import Database
 from controlplane.errors import Forbidden
+from controlplane.files import FileStore
 from controlplane.identity import credentials_exist, csrf_matches
 from controlplane.keys import KeyAuthenticator
 from controlplane.legacy_keys import import_legacy_keys
@@ -57,6 +58,7 @@ from gateway.models.routing import Catalog
 from gateway.models.service import ModelManager, ModelsConfig
 from gateway.openai.routes import ROUTES
 from gateway.openai.service import GenerationService, Limits
+from gateway.training import routes as training_routes
 from registry.registry import Registry
 
 log = logging.getLogger("aimass.gateway")
@@ -364,6 +366,8 @@ def create_app(
             "authenticator": KeyAuthenticator(db, clock=clock),
             "model_owners": ModelOwners(db, clock=clock),
             "open_access": open_access,
+            "files": FileStore.open(config.registry),  # uploaded training files
+            "catalog": models.registry,  # fine-tuning jobs check their base model in it
         }
     )
     return Litestar(
@@ -372,6 +376,7 @@ def create_app(
             *auth_routes.ROUTES,
             *project_routes.ROUTES,
             *usage_routes.ROUTES,
+            *training_routes.ROUTES,
             healthz,
             readyz,
             metrics_route,

@@ -3,14 +3,17 @@
 It defaults to the embedded setup under $AIMASS_HOME (default ~/.aimass): the registry folder
 `registry/`, the control-plane database `aimass.db` (users, projects, API keys; shared with
 `aimass keys|users|projects|members`) and the package cache `cache/`. Keys of the former key
-file `gateway.db` are imported into the database at start.
+file `gateway.db` are imported into the database at start. `--workers N` (default 1) starts N
+`aimass worker` child processes on the same database and registry to run fine-tuning jobs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from aimass_common.cli import fail
@@ -41,6 +44,9 @@ def register(subparsers) -> None:
         help="a former SQLite key file whose keys to import (default $AIMASS_HOME/gateway.db)",
     )
     p.add_argument("--redis", metavar="URL", help="Redis for rate limits shared by replicas")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="`aimass worker` child processes that run fine-tuning jobs on the same "
+                   "database and registry (default 1; 0 for an API-only replica)")  # fmt: skip
     p.add_argument("--session-hours", type=float, default=12.0, metavar="H",
                    help="how long a person's sign-in lasts")  # fmt: skip
     p.add_argument("--idle-unload", type=float, default=600.0, metavar="S",
@@ -162,8 +168,46 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    if not 0 <= args.workers <= 64:
+        return fail(f"--workers={args.workers} must be in 0..64")
+    workers = [_start_worker(args, config.registry, n) for n in range(args.workers)]
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    finally:
+        _stop_workers(workers)
     return 0
+
+
+def _start_worker(args: argparse.Namespace, registry: str, n: int) -> subprocess.Popen:
+    """An `aimass worker` child on this gateway's database and registry. A worker that exits is
+    reported, never restarted silently: a crash loop must be seen."""
+    command = [sys.executable, "-m", "aimass_cli", "worker", "--registry", registry]
+    if args.database:
+        command += ["--database", args.database]
+    child = subprocess.Popen(command)
+    log = logging.getLogger("aimass.gateway")
+
+    def watch() -> None:
+        code = child.wait()
+        if code != 0:
+            log.error("worker %d (pid %d) exited with code %d; not restarted", n, child.pid, code)
+
+    threading.Thread(target=watch, daemon=True).start()
+    log.info("worker %d started (pid %d)", n, child.pid)
+    return child
+
+
+def _stop_workers(workers: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM (a running job stops at a checkpoint and goes back to the queue), then kill."""
+    for child in workers:
+        if child.poll() is None:
+            child.terminate()
+    for child in workers:
+        try:
+            child.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _credentials(db) -> bool:

@@ -1,0 +1,239 @@
+"""Files and fine-tuning jobs through a real gateway with the official `openai` client: the
+issue's acceptance (upload, job, succeeded, served at once) with a worker on the same database
+and registry, bad uploads refused with the trainer's line-numbered message, the upload limit,
+the live event stream, and permissions: a viewer's key 403 on jobs.create, another project's key
+404 on the file. The acceptance exactly as written, against `aimass serve`, is the slow test."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from controlplane import settings
+from controlplane.access import CLI
+from controlplane.db import Database
+from registry.registry import Registry
+from tests.conftest import DEMO_CORPUS
+from tests.gateway.conftest import (
+    assert_openai_error,
+    base_config,
+    free_port,
+    http,
+    make_key,
+    openai_client,
+    running,
+    sse_data,
+)
+from worker.worker import Worker, WorkerConfig
+
+FAST = {"max_steps": 3, "batch_size": 4, "block_size": 32, "eval_interval": 3}
+
+
+def corpus(path: Path, chars: int = 20_000) -> Path:
+    text = DEMO_CORPUS.read_text(encoding="utf-8")[:chars]
+    lines = [json.dumps({"text": p}) for p in text.split("\n\n") if p.strip()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def platform(tmp_path, home):
+    """A gateway in open access, and a worker thread on its database and registry."""
+    registry = tmp_path / "registry"
+    Registry.open(str(registry))
+    config = base_config(tmp_path, registry)
+    with running(config) as gw:
+        db = gw.state.db
+        worker = Worker(db, Registry.open(str(registry)), gw.state.files, home / "jobs",
+                        WorkerConfig(heartbeat_s=0.2, lease_s=3.0, poll_s=0.1), "test-worker")  # fmt: skip
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            yield gw
+        finally:
+            worker.shutdown.set()
+            thread.join(60)
+
+
+def wait_until_done(client: openai.OpenAI, job_id: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in (
+        "succeeded", "failed", "cancelled"
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, f"job still {job.status} after {timeout} s"
+        time.sleep(0.2)
+    return job
+
+
+def test_upload_train_and_serve_with_the_openai_client(platform, tmp_path):
+    client = openai_client(platform)
+    path = corpus(tmp_path / "corpus.jsonl")
+    with open(path, "rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    assert uploaded.status == "processed" and uploaded.bytes == path.stat().st_size
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, suffix="docs",
+                                         hyperparameters=FAST)  # fmt: skip
+    assert job.status == "queued"
+    done = wait_until_done(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == "docs:1"
+    reply = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
+    assert reply.model == "docs:1" and reply.usage.completion_tokens >= 1
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert steps == [3, 2, 1]  # newest first, as OpenAI lists them
+    (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoint.step_number == 3
+    assert [j.id for j in client.fine_tuning.jobs.list().data] == [job.id]
+    assert [f.id for f in client.files.list(purpose="fine-tune").data] == [uploaded.id]
+    assert client.files.content(uploaded.id).read() == path.read_bytes()
+    client.files.delete(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_the_event_stream_follows_a_job_to_its_end(platform, tmp_path):
+    client = openai_client(platform)
+    data = corpus(tmp_path / "c.jsonl").read_bytes()
+    uploaded = client.files.create(file=("c.jsonl", data), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id,
+                                         hyperparameters=FAST)  # fmt: skip
+    with http(platform) as h, h.stream("GET", f"/v1/fine_tuning/jobs/{job.id}/events",
+                                       params={"stream": "true"}, timeout=120) as r:  # fmt: skip
+        assert r.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_data(r)
+    assert payloads[-1] == "[DONE]"
+    events = [json.loads(p) for p in payloads[:-1]]
+    assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == [1, 2, 3]
+    assert "the job succeeded" in events[-1]["message"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\0\0\0", "bad.jsonl: binary file: this looks like a PNG image"),
+        (
+            b'{"text": "ok"}\n{"text": "\xff"}\n',
+            "bad.jsonl:2: not valid UTF-8: byte 0xff at column 11",
+        ),
+        (b'{"text": "ok"}\n\n{"text": oops}\n', "bad.jsonl:3: malformed JSON: Expecting value"),
+    ],
+)
+def test_a_bad_upload_is_refused_with_the_trainers_line_numbered_message(
+    tmp_path, home, data, message
+):
+    registry = tmp_path / "registry"
+    with running(base_config(tmp_path, registry)) as gw:
+        client = openai_client(gw)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.files.create(file=("bad.jsonl", data), purpose="fine-tune")
+        assert err.value.body["message"].startswith(message)
+        assert err.value.body["param"] == "file"
+        assert client.files.list().data == []
+    assert list((home / "files").glob("file-*")) == []  # nothing stored
+    assert list((home / "files" / ".uploads").iterdir()) == []  # and no spool file left
+
+
+def test_an_upload_over_the_limit_is_413_naming_it(tmp_path, home):
+    config = base_config(tmp_path, tmp_path / "registry")
+    with running(config) as gw:
+        with gw.state.db.session() as s:
+            settings.set_value(s, CLI, "upload_max_bytes", 2048)
+        gw.state.settings.refresh()
+        with http(gw) as h:
+            r = h.post("/v1/files", data={"purpose": "fine-tune"},
+                       files={"file": ("big.jsonl", b'{"text": "x"}\n' * 400)})  # fmt: skip
+        error = assert_openai_error(r, 413)
+        assert "upload limit of 2048 bytes" in error["message"]
+        with http(gw) as h:  # a form without a file part
+            r = h.post("/v1/files", data={"purpose": "fine-tune"})
+        assert_openai_error(r, 400, param="file")
+
+
+def test_a_viewer_key_may_not_create_jobs_and_another_project_sees_no_file(tmp_path, home):
+    config = base_config(tmp_path, tmp_path / "registry")
+    _, developer = make_key(config.database, "acme", ["train"], role="developer")
+    _, viewer = make_key(config.database, "acme", ["train"], role="viewer")
+    _, outsider = make_key(config.database, "other", ["train"])
+    with running(config) as gw:
+        path = corpus(tmp_path / "c.jsonl", 2_000)
+        with open(path, "rb") as f:
+            uploaded = openai_client(gw, developer).files.create(file=f, purpose="fine-tune")
+        with pytest.raises(openai.PermissionDeniedError):
+            openai_client(gw, viewer).fine_tuning.jobs.create(model="tiny",
+                                                              training_file=uploaded.id)  # fmt: skip
+        assert openai_client(gw, viewer).files.retrieve(uploaded.id).id == uploaded.id
+        with pytest.raises(openai.NotFoundError):
+            openai_client(gw, outsider).files.retrieve(uploaded.id)
+        with pytest.raises(openai.NotFoundError):
+            openai_client(gw, outsider).fine_tuning.jobs.create(model="tiny",
+                                                                training_file=uploaded.id)  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match=r"n_epochs=0 must be >= 1"):
+            openai_client(gw, developer).fine_tuning.jobs.create(
+                model="tiny", training_file=uploaded.id, hyperparameters={"n_epochs": 0}
+            )
+
+
+@pytest.mark.slow
+def test_the_acceptance_as_written_against_aimass_serve(tmp_path):
+    """`aimass serve` (embedded default: SQLite, one worker child), then the issue's calls."""
+    home = tmp_path / "home"
+    port = free_port()
+    env = os.environ | {"AIMASS_HOME": str(home)}
+    env.pop("AIMASS_DATABASE", None)
+    env.pop("AIMASS_REGISTRY", None)
+    log = tmp_path / "serve.log"  # a file, not a pipe: a full pipe would stall the server
+    server = subprocess.Popen([sys.executable, "-m", "aimass_cli", "serve", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=30, max_retries=0)
+        path = corpus(tmp_path / "corpus.jsonl", 60_000)
+        with open(path, "rb") as f:
+            file = client.files.create(file=f, purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, suffix="acme",
+                                             hyperparameters={"n_epochs": 1})  # fmt: skip
+        done = wait_until_done(client, job.id, timeout=600)
+        assert done.status == "succeeded", done.error
+        assert done.fine_tuned_model == "acme:1"
+        reply = client.chat.completions.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content is not None
+    finally:
+        server.terminate()
+        server.wait(60)
+    db = Database.open(f"sqlite:///{home / 'aimass.db'}")
+    try:
+        with db.session() as s:
+            from controlplane.models import Job  # noqa: PLC0415 - only this test reads the row
+
+            assert s.get(Job, job.id).worker_id  # run by the serve's worker child
+    finally:
+        db.close()
