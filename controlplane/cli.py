@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from aimass_common.cli import fail
-from controlplane import identity_cli, usage_cli
+from controlplane import identity_cli, training_cli, usage_cli
 
 
 def add_database_argument(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_database_argument(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     identity_cli.register(subparsers, add_database_argument)
     usage_cli.register(subparsers, add_database_argument)
+    training_cli.register(subparsers, add_database_argument)
     p = subparsers.add_parser("db", help="the control-plane database: upgrade its schema")
     sub = p.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
     for name, help in (("upgrade", "run the migrations to the newest schema"),
