@@ -10,7 +10,7 @@ exist yet) may do everything.
     action          viewer  developer  admin  owner   key scope that grants it
     project:read      ✓        ✓         ✓      ✓     admin
     members:read      ✓        ✓         ✓      ✓     admin
-    models:read       ✓        ✓         ✓      ✓     models:read, models:write, train
+    models:read       ✓        ✓         ✓      ✓     inference, models:read, models:write, train
     files:read        ✓        ✓         ✓      ✓     train
     jobs:read         ✓        ✓         ✓      ✓     train
     usage:read        ✓        ✓         ✓      ✓     admin
@@ -57,7 +57,11 @@ ACTIONS = ROLE_ACTIONS["owner"]
 
 # A key's scopes, each with what it is for and the actions it grants.
 SCOPES: dict[str, tuple[str, frozenset[str]]] = {
-    "inference": ("generate text: /v1/completions, /v1/chat/completions", frozenset({"inference"})),
+    # a program that generates must be able to list what it may call (/v1/models), as with OpenAI
+    "inference": (
+        "generate text and list the models: /v1/completions, /v1/chat/completions, /v1/models",
+        frozenset({"inference", "models:read"}),
+    ),
     "models:read": ("list and describe models: /v1/models", frozenset({"models:read"})),
     "models:write": (
         "change what is served: load, unload, aliases, canary splits",
