@@ -273,16 +273,23 @@ def upload(
         raise
 
 
-def file_row(s: Session, principal: Principal, file_id: str, action: str = "files:read") -> File:
-    """The file, if `principal` may `action` it: another project's file is NotFound."""
-    row = s.get(File, file_id)
+def project_thing(s: Session, principal: Principal, table, row_id: str, action: str,
+                  missing: NotFound):  # fmt: skip
+    """The row of `table` (a file, a job) if `principal` may `action` in its project; `missing`
+    is raised otherwise, for another project's row as for an absent one."""
+    row = s.get(table, row_id)
     if row is None:
-        raise NotFound(f"no file {file_id!r}", "file_id")
+        raise missing
     try:
         authorize(principal, action, row.project_id, role_lookup(s))
     except NotFound:
-        raise NotFound(f"no file {file_id!r}", "file_id") from None
+        raise missing from None
     return row
+
+
+def file_row(s: Session, principal: Principal, file_id: str, action: str = "files:read") -> File:
+    missing = NotFound(f"no file {file_id!r}", "file_id")
+    return project_thing(s, principal, File, file_id, action, missing)
 
 
 def retrieve(s: Session, principal: Principal, file_id: str) -> FileView:

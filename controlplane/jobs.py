@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from controlplane import audit
 from controlplane.access import Principal, authorize
 from controlplane.errors import Conflict, InvalidInput, NotFound
-from controlplane.files import check_limit, file_row, project_scope, role_lookup
+from controlplane.files import check_limit, file_row, project_scope, project_thing, role_lookup
 from controlplane.models import Job, JobCheckpoint, JobEvent, ModelOwner, new_id, utcnow
 from registry.errors import RegistryError
 from registry.names import check_name, parse_ref
@@ -240,14 +240,8 @@ def _usable_file(s: Session, principal: Principal, file_id: str, param: str):
 
 
 def job_row(s: Session, principal: Principal, job_id: str, action: str = "jobs:read") -> Job:
-    row = s.get(Job, job_id)
-    if row is None:
-        raise NotFound(f"no fine-tuning job {job_id!r}", "job_id")
-    try:
-        authorize(principal, action, row.project_id, role_lookup(s))
-    except NotFound:
-        raise NotFound(f"no fine-tuning job {job_id!r}", "job_id") from None
-    return row
+    missing = NotFound(f"no fine-tuning job {job_id!r}", "job_id")
+    return project_thing(s, principal, Job, job_id, action, missing)
 
 
 def retrieve(s: Session, principal: Principal, job_id: str) -> JobView:
