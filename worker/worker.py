@@ -56,7 +56,7 @@ class WorkerConfig:
             raise ValueError(f"--concurrency={self.concurrency} must be >= 1")
         if not 0 < self.heartbeat_s * 3 <= self.lease_s:
             raise ValueError(
-                f"lease_s={self.lease_s} must be at least 3 heartbeats ({self.heartbeat_s} s)"
+                f"--lease-s={self.lease_s} must be at least 3 heartbeats of {self.heartbeat_s} s"
             )
 
 

@@ -5,6 +5,7 @@ a worker killed mid-job is taken over and the job resumed from its checkpoint, e
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from controlplane.db import Database
 from controlplane.models import ModelOwner
 from registry.registry import Registry
 from tests.conftest import DEMO_CORPUS
+from worker.cli import register
 from worker.worker import Worker, WorkerConfig
 
 FAST = {"max_steps": 3, "batch_size": 4, "block_size": 32, "eval_interval": 3}
@@ -179,3 +181,21 @@ def test_a_killed_workers_job_is_taken_over_and_resumed_exactly(platform, tmp_pa
     again = platform.create(train, hyperparameters=hp)
     platform.worker("w3").run_one()
     assert platform.job(again).result["train_loss"] == job.result["train_loss"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--concurrency", "0"], "aimass: error: --concurrency=0 must be >= 1\n"),
+        (
+            ["--lease-s", "2"],
+            "aimass: error: --lease-s=2.0 must be at least 3 heartbeats of 1.0 s\n",
+        ),
+    ],
+)
+def test_worker_cli_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    parser = argparse.ArgumentParser(prog="aimass")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["worker", "--database", f"sqlite:///{tmp_path / 'a.db'}", *argv])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == message
