@@ -186,6 +186,13 @@ def test_a_viewer_key_may_not_create_jobs_and_another_project_sees_no_file(tmp_p
         with pytest.raises(openai.NotFoundError):
             openai_client(gw, outsider).fine_tuning.jobs.create(model="tiny",
                                                                 training_file=uploaded.id)  # fmt: skip
+        queued = openai_client(gw, developer).fine_tuning.jobs.create(
+            model="tiny", training_file=uploaded.id
+        )
+        with pytest.raises(openai.PermissionDeniedError):
+            openai_client(gw, viewer).fine_tuning.jobs.cancel(queued.id)
+        cancelled = openai_client(gw, developer).fine_tuning.jobs.cancel(queued.id)
+        assert cancelled.status == "cancelled"  # no worker runs here: it was still queued
         with pytest.raises(openai.BadRequestError, match=r"n_epochs=0 must be >= 1"):
             openai_client(gw, developer).fine_tuning.jobs.create(
                 model="tiny", training_file=uploaded.id, hyperparameters={"n_epochs": 0}
