@@ -57,7 +57,8 @@ class Platform:
     def create(self, file_id: str, **kw) -> str:
         kw.setdefault("hyperparameters", FAST)
         with self.db.session() as s:
-            return jobs.create(s, CLI, model="tiny", training_file=file_id, seed=5, **kw).id
+            kw.setdefault("model", "tiny")
+            return jobs.create(s, CLI, training_file=file_id, seed=5, **kw).id
 
     def job(self, job_id: str) -> jobs.JobView:
         with self.db.session() as s:
@@ -79,7 +80,7 @@ def platform(tmp_path):
     p.db.close()
 
 
-def test_a_job_ends_as_a_registry_version_of_its_own_name(platform):
+def test_a_job_ends_as_a_registry_version_of_its_own_name_and_can_be_tuned_again(platform):
     train = platform.upload(corpus_jsonl())
     valid = platform.upload(corpus_jsonl(4_000), "valid.jsonl")
     job_id = platform.create(train, validation_file=valid, suffix="docs-bot")
@@ -99,6 +100,12 @@ def test_a_job_ends_as_a_registry_version_of_its_own_name(platform):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert {"train_loss", "lr", "tokens_per_s"} <= set(metrics[0]) and "valid_loss" in metrics[2]
     assert checkpoint.step == 3 and checkpoint.metrics["valid_loss"] == metrics[2]["valid_loss"]
+
+    # the result is a registry model: a job fine-tunes it from the checkpoint its lineage names
+    tuned = platform.create(train, model="docs-bot:1", suffix="docs-bot")
+    assert platform.worker().run_one() == tuned
+    assert platform.job(tuned).fine_tuned_model == "docs-bot:2", platform.job(tuned).error
+    assert platform.registry.manifest("docs-bot", 2).lineage.base_model == "docs-bot:1"
 
 
 def test_a_failing_job_fails_alone_with_its_message(platform):
