@@ -26,6 +26,7 @@ from tests.gateway.conftest import (
     running,
     wait_for,
 )
+from tests.gateway.fakes import FakeCatalog, FakeLoader
 
 PASSWORD = "correct horse battery"
 
@@ -225,3 +226,22 @@ def test_project_quotas_are_set_by_platform_admins(config, monkeypatch):
     assert [(e["actor"].split(":")[0], e["after"]["tokens_per_month"]) for e in entries] == [
         ("user", 1000)
     ]
+
+
+def test_a_request_the_engine_fails_is_metered_as_an_error(config):
+    record, key = make_key(config.database, "alpha", ["inference", "admin"])
+    loader = FakeLoader()
+    with running(config, catalog=FakeCatalog({"tiny": 1}, production=1), loader=loader) as gw:
+        client = openai_client(gw, key)
+        _complete(client)
+        loader.engines["tiny:1"].fail_next("the output broke")
+        with pytest.raises(openai.InternalServerError):
+            _complete(client)
+        with http(gw, authorization=f"Bearer {key}") as h:
+
+            def counted():
+                data = h.get("/v1/usage").json()["data"]
+                return data if sum(b["requests"] for b in data) == 2 else None
+
+            data = wait_for(counted, timeout=10)
+    assert [(b["key_id"], b["requests"], b["errors"]) for b in data] == [(record.key_id, 2, 1)]
