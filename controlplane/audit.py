@@ -81,6 +81,8 @@ def list_audit(
     administer, a key its own project."""
     if not 1 <= limit <= MAX_LIST:
         raise InvalidInput(f"limit = {limit} is out of bounds: 1..{MAX_LIST}", "limit")
+    if after_id is not None and after_id < 1:
+        raise InvalidInput(f"after = {after_id} must be an entry's id (>= 1)", "after")
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
     query = query.where(*_visible(session, principal, project_id))
     for column, value in ((AuditEntry.actor, actor), (AuditEntry.action, action)):

@@ -174,6 +174,8 @@ def test_an_inference_key_may_not_read_usage_or_audit(config):
         ("/v1/usage", {"start_time": "2030-01-02", "end_time": "2030-01-01"}, "end_time"),
         ("/v1/audit", {"limit": "0"}, "limit"),
         ("/v1/audit", {"limit": "5000"}, "limit"),
+        ("/v1/audit", {"limit": "many"}, "limit"),
+        ("/v1/audit", {"after": "0"}, "after"),
         ("/v1/audit", {"since": "soon"}, "since"),
         ("/v1/audit", {"action": "a" * 65}, "action"),
     ],
