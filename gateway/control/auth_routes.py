@@ -21,7 +21,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
 from controlplane import identity
 from controlplane.access import Principal
@@ -82,7 +82,7 @@ async def me(request: Request, principal: Me) -> api.Me:
 
 @post("/v1/users", opt={"action": "users:manage"}, summary="Create a person",
       responses=error_responses(400, 401, 403, 409))  # fmt: skip
-async def create_user(request: Request, principal: Me, data: api.NewUser) -> api.User:
+async def create_user(request: Request, principal: Me, data: JSONBody[api.NewUser]) -> api.User:
     created = await in_transaction(_db(request), identity.create_user, principal, data.email,
                                    data.display_name, data.password, is_admin=data.is_admin)  # fmt: skip
     return user(created)

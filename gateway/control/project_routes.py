@@ -24,7 +24,7 @@ from datetime import timedelta
 
 from litestar import Request, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
 from controlplane import identity, keys
 from controlplane.access import Principal
@@ -69,7 +69,9 @@ def _key(k: keys.KeyRecord) -> dict:
 
 @post("/v1/projects", opt={"action": "authenticated"}, summary="Create a project; its creator owns it",
       responses=WRITE_ERRORS)  # fmt: skip
-async def create_project(request: Request, principal: Me, data: api.NewProject) -> api.Project:
+async def create_project(
+    request: Request, principal: Me, data: JSONBody[api.NewProject]
+) -> api.Project:
     return _project(
         await in_transaction(_db(request), identity.create_project, principal, data.name)
     )
@@ -89,7 +91,7 @@ async def get_project(request: Request, principal: Me, project_id: Id) -> api.Pr
 
 @patch(PROJECT, opt={"action": "project:write"}, summary="Rename a project", responses=WRITE_ERRORS)
 async def rename_project(
-    request: Request, principal: Me, project_id: Id, data: api.ProjectChange
+    request: Request, principal: Me, project_id: Id, data: JSONBody[api.ProjectChange]
 ) -> api.Project:
     renamed = await in_transaction(_db(request), identity.rename_project, principal, project_id,
                                    data.name)  # fmt: skip
@@ -117,7 +119,7 @@ async def list_members(request: Request, principal: Me, project_id: Id) -> api.M
 @post(PROJECT + "/members", opt={"action": "members:manage"},
       summary="Add a person by email, with a role", responses=WRITE_ERRORS)  # fmt: skip
 async def add_member(
-    request: Request, principal: Me, project_id: Id, data: api.NewMember
+    request: Request, principal: Me, project_id: Id, data: JSONBody[api.NewMember]
 ) -> api.Member:
     added = await in_transaction(_db(request), identity.add_member, principal, project_id,
                                  data.email, data.role)  # fmt: skip
@@ -127,7 +129,7 @@ async def add_member(
 @patch(PROJECT + "/members/{user_id:str}", opt={"action": "members:manage"},
        summary="Change a member's role", responses=WRITE_ERRORS)  # fmt: skip
 async def set_role(
-    request: Request, principal: Me, project_id: Id, user_id: Id, data: api.RoleChange
+    request: Request, principal: Me, project_id: Id, user_id: Id, data: JSONBody[api.RoleChange]
 ) -> api.Member:
     changed = await in_transaction(_db(request), identity.set_role, principal, project_id,
                                    user_id, data.role)  # fmt: skip
@@ -150,7 +152,7 @@ async def remove_member(
       summary="Create an API key: its plaintext is in this answer only",
       responses=WRITE_ERRORS)  # fmt: skip
 async def create_key(
-    request: Request, principal: Me, project_id: Id, data: api.NewApiKey
+    request: Request, principal: Me, project_id: Id, data: JSONBody[api.NewApiKey]
 ) -> api.CreatedApiKey:
     expires = None
     if data.expires_in_days is not None:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 from litestar.response import Stream
 
 from controlplane import files, jobs
@@ -38,7 +38,7 @@ from gateway.training.upload import read_form
 
 Me = NamedDependency[Principal]
 Id = FromPath[str]
-Project = Parameter(header="OpenAI-Project", required=False)
+Project = HeaderParameter(name="OpenAI-Project", required=False, max_length=100)
 READ_ERRORS = error_responses(400, 401, 403, 404)
 WRITE_ERRORS = error_responses(400, 401, 403, 404, 409)
 JOB = "/v1/fine_tuning/jobs/{job_id:str}"
@@ -122,7 +122,7 @@ async def file_content(request: Request, principal: Me, file_id: Id) -> Stream:
 @post("/v1/fine_tuning/jobs", opt={"action": "jobs:write"}, status_code=200,
       summary="Create a fine-tuning job (queued for a worker)", responses=WRITE_ERRORS)  # fmt: skip
 async def create_job(
-    request: Request, principal: Me, data: api.NewJob, project: str | None = Project
+    request: Request, principal: Me, data: JSONBody[api.NewJob], project: str | None = Project
 ) -> api.Job:
     job = await in_transaction(_db(request), jobs.create, principal, project=project,
                                registry=request.app.state.catalog,
