@@ -4,12 +4,14 @@ answers; tests that need it skip, saying so, when none does."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 
 import pytest
 from sqlalchemy import create_engine, text
 
+from controlplane import cli as controlplane_cli
 from controlplane.db import Database, normalize_url
 
 POSTGRES = os.environ.get("AIMASS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -53,3 +55,14 @@ def db(request, tmp_path):
     database.upgrade()
     yield database
     database.close()
+
+
+def aimass(capsys, *argv: str) -> tuple[int, str, str]:
+    """`aimass ARGV` through the control plane's own sub-commands, as `aimass` builds its parser:
+    (exit code, stdout, stderr)."""
+    parser = argparse.ArgumentParser(prog="aimass")
+    controlplane_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -4,25 +4,14 @@ one line with exit 2."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
 from controlplane import jobs
 from controlplane.access import CLI
-from controlplane.cli import add_database_argument
-from controlplane.training_cli import register
+from tests.controlplane.conftest import aimass
 from tests.controlplane.test_files import TEXT_JSONL
-
-
-def aimass(capsys, *argv: str) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="aimass")
-    register(parser.add_subparsers(dest="command"), add_database_argument)
-    args = parser.parse_args(argv)
-    code = args.func(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

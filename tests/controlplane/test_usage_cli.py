@@ -3,24 +3,13 @@ SQLite file, printed (or JSON), an error on one line with exit 2."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from controlplane.cli import add_database_argument
 from controlplane.usage import UsageRecorder
-from controlplane.usage_cli import register
+from tests.controlplane.conftest import aimass
 from tests.controlplane.rows import add_project
-
-
-def aimass(capsys, *argv: str) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="aimass")
-    register(parser.add_subparsers(dest="command"), add_database_argument)
-    args = parser.parse_args(argv)
-    code = args.func(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
