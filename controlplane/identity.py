@@ -11,7 +11,8 @@ transaction (actor, before → after), and return views that carry no hash or to
     members    added by email with a role; only owners make or unmake owners; the last owner
                cannot leave or be demoted
     models     a model name with a `model_owners` row is its project's: to anyone else it is
-               absent (404); a name without one is shared by all
+               absent (404); a name without one is shared by all. A person's generation
+               acts for the project its OpenAI-Project header names (`inference_project`)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MAX_NAME_LENGTH = 100  # project, key and display names
 MAX_EMAIL_LENGTH = 254
 MIN_PASSWORD_LENGTH, MAX_PASSWORD_LENGTH = 8, 1024
 SESSION_TTL = timedelta(hours=12)
+PROJECT_HEADER = "OpenAI-Project"  # the project a request acts for, as OpenAI's clients send it
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _HASHER = PasswordHasher()  # argon2id, RFC 9106's second recommended parameters
 
@@ -481,6 +483,28 @@ def own_model(s: Session, principal: Principal, project_id: str, name: str) -> N
         s.add(ModelOwner(name=name, project_id=project_id, created_at=utcnow()))
         audit.record(s, principal, "model.own", name, project_id=project_id,
                      after={"project_id": project_id})  # fmt: skip
+
+
+def inference_project(s: Session, principal: Principal, project: str | None) -> str:
+    """The id of the project a generation request acts for, named (id or name) by its
+    `OpenAI-Project` header: the project its tokens are metered and quota-checked under. A
+    person must name one in which they may `inference`; a key may name only its own. A project
+    that does not exist or that the caller is outside of is absent to them (NotFound)."""
+    if not project:
+        raise InvalidInput(
+            "a signed-in person's generation request must name the project it acts for in the "
+            "OpenAI-Project header (the project's id or name)",
+            PROJECT_HEADER,
+        )
+    row = s.get(Project, project) or project_by_name(s, project)
+    if row is not None:
+        try:
+            authorize(principal, "inference", row.id, _roles(s))
+        except NotFound:
+            row = None
+    if row is None:  # named as given: the id of a project one is outside of is no answer
+        raise NotFound(f"no project {project!r}", PROJECT_HEADER)
+    return row.id
 
 
 def credentials_exist(s: Session) -> bool:

@@ -340,8 +340,9 @@ def create_app(
         if rates is None:
             rates = await make_rate_limiter(config.redis_url, clock=clock)
         app.state.generation = GenerationService(
-            models, rates, metrics, config.limits, usage=usage, quotas=quotas, settings=settings
-        )
+            models, rates, metrics, config.limits, usage=usage, quotas=quotas, settings=settings,
+            owners=app.state.model_owners,
+        )  # fmt: skip
         await models.start()
         usage.start()
         try:

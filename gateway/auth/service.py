@@ -10,14 +10,15 @@ or role can never allow that action is refused here (403) before any work. The p
 check (`access.authorize`) is the service's, which knows the project.
 
 A model name owned by a project (`model_owners`) is absent to everyone outside it:
-`ModelOwners` keeps the table in memory for `ttl_s` (5 s) and answers `hidden(principal, name)`.
+`ModelOwners` keeps the table in memory for `ttl_s` (5 s) and answers `hidden(principal, name)`;
+a name it has not seen exist before its last read (a model just pushed) is read again first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from controlplane.access import (
     ACTIONS,
@@ -104,8 +105,14 @@ def require_action(principal: Principal, action: str) -> None:
 
 
 class ModelOwners:
-    """Which project each owned model name belongs to, read at most every `ttl_s` seconds: a
-    model made a project's on another replica is hidden here within that bound."""
+    """Which project each owned model name belongs to, read at most every `ttl_s` seconds: an
+    existing model made a project's on another replica is hidden here within that bound.
+
+    A new model is never shared, not even for an instant: a fine-tuning worker writes the
+    name's owner row before it pushes the model to the registry, so a name the gateway sees
+    exist (`exists`: listed by the registry, or acquired) is shared only if a read of the table
+    that began after it was seen found no row. Any other name makes the next question read the
+    table again."""
 
     def __init__(
         self, db: Database, *, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic
@@ -113,6 +120,19 @@ class ModelOwners:
         self.db, self.ttl_s, self._clock = db, ttl_s, clock
         self._owners: dict[str, str] = {}
         self._read_at: float | None = None
+        self._seen: set[str] = set()  # model names seen to exist, in the registry or loaded
+        self._shared: frozenset[str] = frozenset()  # seen before the last read, and unowned
+        self._news = 0  # names seen that the last read may have missed: a read under way is stale
+
+    def exists(self, names: Iterable[str]) -> bool:
+        """The gateway saw these model names exist. True if one is neither owned nor known to
+        be shared: the next `hidden` reads the table first (ask again to be sure)."""
+        new = [n for n in names if n not in self._owners and n not in self._shared]
+        if new:
+            self._seen.update(new)
+            self._read_at = None
+            self._news += 1
+        return bool(new)
 
     async def hidden(self, principal: Principal, name: str, action: str = "models:read") -> bool:
         """Whether the model `name` belongs to a project `principal` is not in. A member whose
@@ -120,8 +140,11 @@ class ModelOwners:
         with the route's action already."""
         now = self._clock()
         if self._read_at is None or now - self._read_at >= self.ttl_s:
+            news, seen = self._news, frozenset(self._seen)
             self._owners = await asyncio.to_thread(self._read)
-            self._read_at = now
+            self._shared = seen - self._owners.keys()
+            if news == self._news:  # no name appeared while it read
+                self._read_at = now
         owner = self._owners.get(name)
         if owner is None or principal.is_admin or principal.kind == "key":
             return not may_see_model(None, principal, owner)  # no database needed
@@ -130,6 +153,7 @@ class ModelOwners:
     def forget(self) -> None:
         """Read the table again at the next question (after a change through this process)."""
         self._read_at = None
+        self._news += 1
 
     def _read(self) -> dict[str, str]:
         with self.db.session() as s:

@@ -127,6 +127,17 @@ class Router:
         return ((production.version, 1.0),)
 
 
+def absent(ref: Ref) -> ModelNotFound:
+    """What routing answers for a name the registry lacks, word for word: a model a caller may
+    not see is answered the same, so the answer never tells that it exists."""
+    if ref.alias is not None:
+        return ModelNotFound(str(ref), f"{ref.name} has no alias {ref.alias!r}")
+    if ref.version is not None:
+        return ModelNotFound(str(ref), f"{ref.name}:{ref.version} does not exist")
+    detail = f"model {ref.name!r} has no {PRODUCTION} alias; name a version or an alias"
+    return ModelNotFound(ref.name, f"{detail} ({ref.name}:VERSION)")
+
+
 def _unit(text: str) -> float:
     """A stable number in [0, 1) for a string (sticky canary assignment)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64

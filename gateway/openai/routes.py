@@ -1,4 +1,8 @@
-"""OpenAI-compatible routes: handlers of a few lines over `GenerationService`."""
+"""OpenAI-compatible routes: handlers of a few lines over `GenerationService`.
+
+A generation is metered under the project it acts for: a key's own, or for a signed-in person
+the one their `OpenAI-Project` header names (a 400 without one). The model "default" is the
+platform's `default_model` setting, listed by /v1/models while it is set."""
 
 from __future__ import annotations
 
@@ -6,61 +10,72 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import msgspec
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
+from litestar.params import HeaderParameter, JSONBody
 from litestar.response import Stream
 
-from controlplane.keys import KeyRecord
+from controlplane.identity import PROJECT_HEADER, inference_project
+from gateway.control.transaction import in_transaction
 from gateway.errors import error_responses
-from gateway.models.errors import ModelNotFound
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.errors import ClientDisconnected
 from gateway.openai.openapi import BEARER, generation_responses, json_or_events
-from gateway.openai.service import GenerationService, chat_template
+from gateway.openai.service import (
+    DEFAULT_MODEL,
+    Caller,
+    GenerationService,
+    chat_template,
+    check_visible,
+)
 from gateway.openai.validation import InvalidParameter, tokenize_input
 from registry.errors import RegistryError
-from registry.names import Ref, parse_ref
+from registry.names import parse_ref
 
 INFERENCE = {"action": "inference"}
 READ = {"action": "models:read"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Project = HeaderParameter(name=PROJECT_HEADER, required=False, max_length=100)
 T = TypeVar("T")
 
 
-def _key(request: Request) -> KeyRecord | None:
-    return request.state.get("key")
-
-
-async def _visible(request: Request, model: str | None, action: str = "inference") -> None:
-    """A model of a project the caller is not in is absent to them: the same 404, word for
-    word, as a name the registry does not have (controlplane `model_owners`); a member whose
-    role does not allow `action` is refused (403)."""
-    principal = request.state.get("principal")
-    try:
-        ref = parse_ref(model) if model is not None and principal is not None else None
-    except RegistryError:
-        return  # routing refuses the spelling itself
+async def _visible(request: Request, model: str) -> None:
+    """404 for a model of a project the caller is not in (controlplane `model_owners`)."""
     owners = request.app.state.model_owners
-    if ref is not None and await owners.hidden(principal, ref.name, action):
-        raise _absent(ref)
+    await check_visible(owners, request.state.get("principal"), model)
 
 
-def _absent(ref: Ref) -> ModelNotFound:
-    """What routing (gateway/models/routing.py) answers for a name the registry lacks."""
-    if ref.alias is not None:
-        return ModelNotFound(str(ref), f"{ref.name} has no alias {ref.alias!r}")
-    if ref.version is not None:
-        return ModelNotFound(str(ref), f"{ref.name}:{ref.version} does not exist")
-    detail = f"model {ref.name!r} has no production alias; name a version or an alias"
-    return ModelNotFound(ref.name, f"{detail} ({ref.name}:VERSION)")
+async def _caller(request: Request, project: str | None) -> Caller:
+    """Whose request it is: a person acts for the project the header names, where they may
+    `inference`; a key for its own (a header naming another is a 404); open access for no one."""
+    principal, key = request.state["principal"], request.state.get("key")
+    if principal.kind == "user" or (key is not None and project):
+        db = request.app.state.db
+        project_id = await in_transaction(db, inference_project, principal, project)
+        if key is None:
+            return Caller.person(principal, project_id)
+    if key is not None:
+        return Caller.of_key(principal, key)
+    return Caller(principal)  # open access: not metered
 
 
-async def _generate(request: Request, data, service: GenerationService):
+async def _chosen(data: T, service: GenerationService) -> tuple[T, bool]:
+    """`data` naming the registry model it asks for ("default": the setting's), and whether it
+    asked for the default."""
+    model = await service.chosen_model(data.model)
+    if model == data.model:
+        return data, False
+    return msgspec.structs.replace(data, model=model), True
+
+
+async def _generate(request: Request, data, service: GenerationService, project: str | None):
+    data, by_default = await _chosen(data, service)
     await _visible(request, data.model)
+    caller = await _caller(request, project)
     try:
-        g = await service.start(data, _key(request))
+        g = await service.start(data, caller, chosen_by_default=by_default)
     finally:
         # the access log's and metrics' model label: only a name the registry resolved (an
         # unknown name is the client's free text, and would be a new time series each time)
@@ -114,8 +129,9 @@ async def completions(
     request: Request,
     data: JSONBody[api.CompletionRequest],
     generation: NamedDependency[GenerationService],
+    project: str | None = Project,
 ) -> Response[api.Completion] | Stream:
-    return await _generate(request, data, generation)
+    return await _generate(request, data, generation, project)
 
 
 @post(
@@ -131,8 +147,9 @@ async def chat_completions(
     request: Request,
     data: JSONBody[api.ChatCompletionRequest],
     generation: NamedDependency[GenerationService],
+    project: str | None = Project,
 ) -> Response[api.ChatCompletion] | Stream:
-    return await _generate(request, data, generation)
+    return await _generate(request, data, generation, project)
 
 
 @get(
@@ -142,10 +159,14 @@ async def chat_completions(
     security=BEARER,
     responses=error_responses(401, 403, 500),
 )
-async def list_models(request: Request, models: NamedDependency[ModelManager]) -> api.ModelList:
+async def list_models(
+    request: Request,
+    models: NamedDependency[ModelManager],
+    generation: NamedDependency[GenerationService],
+) -> api.ModelList:
     registry = models.registry
     principal = request.state["principal"]
-    hidden = request.app.state.model_owners.hidden
+    owners = request.app.state.model_owners
 
     def read() -> list[api.Model]:
         found = []
@@ -157,9 +178,25 @@ async def list_models(request: Request, models: NamedDependency[ModelManager]) -
         return found
 
     found = await asyncio.to_thread(read)
-    return api.ModelList(
-        data=[m for m in found if not await hidden(principal, m.id.partition("@")[0])]
-    )
+    owners.exists({m.id.partition("@")[0] for m in found})
+    shown = [m for m in found if not await owners.hidden(principal, m.id.partition("@")[0])]
+    default = _default_entry(await generation.default_model(), shown)
+    return api.ModelList(data=[default, *shown] if default else shown)
+
+
+def _default_entry(chosen: str | None, shown: list[api.Model]) -> api.Model | None:
+    """ "default", while the setting names a model the caller sees listed (NAME, NAME@ALIAS or
+    NAME:VERSION of a listed name): dated as that entry."""
+    if chosen is None:
+        return None
+    try:
+        name = parse_ref(chosen).name
+    except RegistryError:
+        return None
+    same = [m for m in shown if m.id == chosen] or [
+        m for m in shown if m.id.partition("@")[0] == name
+    ]
+    return api.Model(id=DEFAULT_MODEL, created=same[0].created) if same else None
 
 
 @post(
@@ -171,13 +208,18 @@ async def list_models(request: Request, models: NamedDependency[ModelManager]) -
     responses=error_responses(400, 401, 403, 404, 413, 500, 503),
 )
 async def tokenize(
-    request: Request, data: JSONBody[api.TokenizeRequest], models: NamedDependency[ModelManager]
+    request: Request,
+    data: JSONBody[api.TokenizeRequest],
+    models: NamedDependency[ModelManager],
+    generation: NamedDependency[GenerationService],
 ) -> api.TokenizeResponse:
     if data.model is None:
         raise InvalidParameter("model", "model is required")
+    data, _ = await _chosen(data, generation)
     await _visible(request, data.model)
     async with await models.acquire(data.model) as lease:
         d = lease.deployment
+        await generation.check_new_name(request.state["principal"], data.model, d.name)
         source = tokenize_input(data)
         if isinstance(source, str):
             ids = d.tokenizer.encode(source, add_special_tokens=False).ids

@@ -9,6 +9,10 @@ it, the reservation is settled to the tokens really used when the request ends, 
 A client that disconnects closes the stream, which aborts the request and frees its slot (a
 non-streamed request is cancelled by its route to the same effect). A request whose output the
 engine failed to produce ends alone with an "error" event: a 500, or an error event mid-stream.
+
+Whose request it is (`Caller`) decides its metering: a key's requests are metered and
+quota-checked under the key's project, a person's under the project they act for (key id ""),
+open access not at all. The model "default" is the platform's `default_model` setting.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from controlplane.access import Principal
 from controlplane.keys import KeyRecord
 from controlplane.quotas import Quotas
 from controlplane.settings import SettingsCache
@@ -28,12 +33,15 @@ from controlplane.usage import UsageRecorder
 from engine.errors import EngineDead
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
+from gateway.auth.service import ModelOwners
 from gateway.errors import classify
 from gateway.limits.errors import RateLimited, TooLargeForLimit
 from gateway.limits.schemas import LimitDecision, headers, refusal_message
 from gateway.limits.service import RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.models.deployments import Deployment, Lease
+from gateway.models.errors import ModelNotFound
+from gateway.models.routing import absent
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
 from gateway.openai.chat_template import ChatTemplate, NoChatTemplate
@@ -48,8 +56,11 @@ from gateway.openai.validation import (
     template_messages,
     to_sampling,
 )
+from registry.errors import RegistryError
+from registry.names import parse_ref
 
 log = logging.getLogger(__name__)
+DEFAULT_MODEL = "default"  # the model name that means the platform's default_model setting
 AnyRequest = api.CompletionRequest | api.ChatCompletionRequest
 
 
@@ -64,6 +75,33 @@ class Limits:
     tokens_per_minute: int | None = None
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Whose request it is: who asks, the project its tokens are metered and quota-checked
+    under, and the rate-limit bucket it draws from."""
+
+    principal: Principal
+    project_id: str | None = None  # None: open access, not metered
+    key_id: str = ""  # the usage rows' key: "" for a person's request
+    bucket: str | None = None  # the rate limiter's: a key id, "user:<id>"; None: anonymous
+    requests_per_minute: int | None = None  # a key's own limits (None: the defaults)
+    tokens_per_minute: int | None = None
+
+    @classmethod
+    def of_key(cls, principal: Principal, key: KeyRecord) -> Caller:
+        return cls(principal, key.project_id, key.key_id, key.key_id,
+                   key.requests_per_minute, key.tokens_per_minute)  # fmt: skip
+
+    @classmethod
+    def person(cls, principal: Principal, project_id: str) -> Caller:
+        """A signed-in person acting for `project_id`; limited per person, not per project."""
+        return cls(principal, project_id, "", f"user:{principal.id}")
+
+    @property
+    def limit_key(self) -> str:
+        return self.bucket or "anonymous"
+
+
 @dataclass
 class Generation:
     """An accepted request: everything needed to answer it and to settle its accounting."""
@@ -73,10 +111,10 @@ class Generation:
     stream: object  # engine.api.RequestStream
     prompt_tokens: int
     n: int
-    key_id: str
+    caller: Caller
     reserved: int
     decision: LimitDecision | None
-    project_id: str | None = None  # whose usage it is (None: open access, not metered)
+    model: str  # the response's: as the request spelled it, or NAME:VERSION for "default"
 
     @property
     def deployment(self) -> Deployment:
@@ -97,27 +135,51 @@ class GenerationService:
         *,
         usage: UsageRecorder | None = None,  # metering: every generation's tokens, when it ends
         quotas: Quotas | None = None,  # project token quotas, checked before admission
-        settings: SettingsCache | None = None,  # platform defaults of per-key rate limits
+        settings: SettingsCache | None = None,  # rate-limit defaults, the default model
+        owners: ModelOwners | None = None,  # which project a model belongs to
     ):
         self.models, self.limiter, self.metrics, self.limits = models, limiter, metrics, limits
-        self.usage, self.quotas, self.settings = usage, quotas, settings
+        self.usage, self.quotas, self.settings, self.owners = usage, quotas, settings, owners
         self._reading: dict[str, asyncio.Future] = {}  # database reads under way, by what
         self._settling: set[asyncio.Task] = set()  # rate-limit settlements under way
 
     # ── accept ──
 
-    async def start(self, req: AnyRequest, key: KeyRecord | None) -> Generation:
-        """Everything up to the engine's acceptance; raises the errors of the status table."""
+    async def default_model(self) -> str | None:
+        """The platform's `default_model` setting (None: unset), through the settings cache."""
+        return (await self._settings()).get("default_model")
+
+    async def chosen_model(self, model: str) -> str:
+        """The model a request's `model` names: "default" is the `default_model` setting (read
+        at request time: a change applies within the settings cache's bound); ModelNotFound
+        while it is unset. Any other spelling names itself."""
+        if model != DEFAULT_MODEL:
+            return model
+        chosen = await self.default_model()
+        if chosen is None:
+            raise ModelNotFound(
+                model,
+                "no default model is set: name a model (GET /v1/models), or a platform admin "
+                'sets one with PATCH /v1/config {"default_model": NAME}',
+            )
+        return chosen
+
+    async def start(
+        self, req: AnyRequest, caller: Caller, *, chosen_by_default: bool = False
+    ) -> Generation:
+        """Everything up to the engine's acceptance; raises the errors of the status table.
+        `req.model` is a registry name; `chosen_by_default`: the client asked for "default",
+        and the response names the version that answered."""
         check_request(req)
-        key_id = key.key_id if key else "anonymous"
-        if key is not None:
-            await self._check_quota(key.project_id)
-        lease = await self.models.acquire(req.model, sticky=key.key_id if key else req.user)
+        if caller.project_id is not None:
+            await self._check_quota(caller.project_id)
+        lease = await self.models.acquire(req.model, sticky=caller.bucket or req.user)
         if lease.cold_start:
             self.metrics.cold_starts_total.labels(req.model).inc()
         reserved, decision = 0, None
         try:
             d = lease.deployment
+            await self.check_new_name(caller.principal, req.model, d.name)
             ids = self._prompt_ids(req, d)
             if len(ids) > self.limits.max_prompt_tokens:
                 raise InvalidParameter(
@@ -141,7 +203,7 @@ class GenerationService:
             sampling = to_sampling(req, d.info.generation_defaults)
             n = sampling.n
             reserved = len(ids) + max_tokens * n
-            decision = await self._check_limits(key, key_id, reserved)
+            decision = await self._check_limits(caller, reserved)
             request = EngineRequest(
                 request_id=uuid.uuid4().hex,
                 prompt_token_ids=tuple(ids),
@@ -154,10 +216,16 @@ class GenerationService:
         except BaseException:
             lease.release()
             if decision is not None and decision.allowed:
-                await self.limiter.settle(key_id, reserved, 0)
+                await self.limiter.settle(caller.limit_key, reserved, 0)
             raise
-        project_id = key.project_id if key else None
-        return Generation(req, lease, stream, len(ids), n, key_id, reserved, decision, project_id)
+        model = d.ref if chosen_by_default else req.model
+        return Generation(req, lease, stream, len(ids), n, caller, reserved, decision, model)
+
+    async def check_new_name(self, principal: Principal, model: str, name: str) -> None:
+        """After a model was acquired: if its name is new to the ownership cache (a model just
+        pushed, whose owner row came first), ask again with the table read afresh."""
+        if self.owners is not None and self.owners.exists([name]):
+            await check_visible(self.owners, principal, model)
 
     def _prompt_ids(self, req: AnyRequest, d: Deployment) -> list[int]:
         if isinstance(req, api.ChatCompletionRequest):
@@ -186,17 +254,15 @@ class GenerationService:
             raise InvalidParameter("prompt", "the prompt is empty; it must hold at least a token")
         return ids
 
-    async def _check_limits(
-        self, key: KeyRecord | None, key_id: str, tokens: int
-    ) -> LimitDecision | None:
-        rpm = key.requests_per_minute if key else None
-        tpm = key.tokens_per_minute if key else None
+    async def _check_limits(self, caller: Caller, tokens: int) -> LimitDecision | None:
         defaults = await self._settings()
-        rpm = _first(rpm, defaults.get("requests_per_minute"), self.limits.requests_per_minute)
-        tpm = _first(tpm, defaults.get("tokens_per_minute"), self.limits.tokens_per_minute)
+        rpm = _first(caller.requests_per_minute, defaults.get("requests_per_minute"),
+                     self.limits.requests_per_minute)  # fmt: skip
+        tpm = _first(caller.tokens_per_minute, defaults.get("tokens_per_minute"),
+                     self.limits.tokens_per_minute)  # fmt: skip
         if rpm is None and tpm is None:
             return None
-        decision = await self.limiter.check_request(key_id, rpm, tpm, tokens)
+        decision = await self.limiter.check_request(caller.limit_key, rpm, tpm, tokens)
         if decision.never:
             self.metrics.rate_limited_total.labels("too_large").inc()
             raise TooLargeForLimit(refusal_message(decision))
@@ -256,7 +322,7 @@ class GenerationService:
             await self._end(g, sum(used), failed)
         completion = sum(used)
         usage = api.Usage(g.prompt_tokens, completion, g.prompt_tokens + completion)
-        model = g.request.model
+        model = g.model
         if isinstance(g.request, api.ChatCompletionRequest):
             choices = [
                 api.ChatChoice(
@@ -284,7 +350,7 @@ class GenerationService:
         engine dies mid-stream (an error event comes first). Closing it aborts the request."""
         chat = isinstance(g.request, api.ChatCompletionRequest)
         rid = api.new_id("chatcmpl" if chat else "cmpl")
-        created, model = api.now(), g.request.model
+        created, model = api.now(), g.model
         usage_on = include_usage(g.request)
         # output tokens of each choice so far: a client that hangs up is charged for them too
         used = [0] * g.n
@@ -352,15 +418,18 @@ class GenerationService:
             await g.stream.aclose()
         finally:
             g.lease.release()
-            if self.usage is not None and g.project_id is not None:
-                self.usage.record(g.project_id, g.key_id, g.request.model, g.prompt_tokens,
-                                  completion_tokens, error=failed)  # fmt: skip
+            caller = g.caller
+            if self.usage is not None and caller.project_id is not None:
+                self.usage.record(caller.project_id, caller.key_id, g.request.model,
+                                  g.prompt_tokens, completion_tokens, error=failed)  # fmt: skip
             if g.decision is not None:
                 # A client that hangs up cancels the task this runs in (the stream's), and keeps
                 # cancelling each await: the settlement runs as a task of its own, shielded, or
                 # the key would keep paying for all the tokens reserved (Redis: a round trip).
                 settle = asyncio.ensure_future(
-                    self.limiter.settle(g.key_id, g.reserved, g.prompt_tokens + completion_tokens)
+                    self.limiter.settle(
+                        caller.limit_key, g.reserved, g.prompt_tokens + completion_tokens
+                    )
                 )
                 self._settling.add(settle)  # the loop holds tasks weakly
                 settle.add_done_callback(self._settling.discard)
@@ -418,6 +487,20 @@ class GenerationService:
             out.text_offset.append(offset)
             offset += len(text)
         return out
+
+
+async def check_visible(
+    owners: ModelOwners, principal: Principal | None, model: str, action: str = "inference"
+) -> None:
+    """A model of a project the caller is not in is absent to them: the same 404, word for
+    word, as a name the registry does not have; a member whose role does not allow `action`
+    is refused (403). A spelling that is no model name is left to routing to refuse."""
+    try:
+        ref = parse_ref(model) if principal is not None else None
+    except RegistryError:
+        return
+    if ref is not None and await owners.hidden(principal, ref.name, action):
+        raise absent(ref)
 
 
 def chat_template(d: Deployment) -> ChatTemplate:
