@@ -165,7 +165,12 @@ def run(target, *args) -> dict:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=target, args=(child, *args))
     p.start()
-    result = parent.recv()
+    child.close()  # the child's end lives in the child only: its exit ends recv()
+    try:
+        result = parent.recv()
+    except EOFError:
+        p.join()
+        raise RuntimeError(f"the {target.__name__} run failed (exit code {p.exitcode})") from None
     p.join()
     print(json.dumps(result), flush=True)
     return result
