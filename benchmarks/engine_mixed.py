@@ -113,6 +113,45 @@ def equal(a: dict, b: dict) -> str:
     return f"{same}/{len(a['tokens'])} streams, {longs}/{len(a['long_tokens'])} long"
 
 
+def count_mixed(runner, merged: list[int]) -> None:
+    """Appends to `merged` the number of chunks in each mixed forward `runner` runs."""
+    run = runner._mixed
+    runner._mixed = lambda chunks: merged.append(len(chunks)) or run(chunks)
+
+
+def merged_check(package: Path, threads: int, vocab: int) -> None:
+    """Where the mixed runner does merge (4 streams beside a prompt fed one token a step), its
+    greedy tokens against the plain runner's."""
+    from engine.loader import EngineConfig, open_core
+    from engine.request import EngineRequest, SamplingParams
+
+    rng = random.Random(3)
+    prompts = [tuple(rng.randrange(1000, vocab) for _ in range(n)) for n in (16, 16, 16, 16, 48)]
+    outputs, merged = [], []
+    for mixed in (False, True):
+        config = EngineConfig(
+            n_slots=5, threads=threads, max_len=512, max_prefill_tokens=1, mixed_forwards=mixed
+        )
+        core = open_core(package, config)[0]
+        if mixed:
+            count_mixed(core.runner, merged)
+        tokens: dict[str, list[int]] = {}
+        for i, ids in enumerate(prompts):  # the streams first, the long prompt a step later
+            core.add(EngineRequest(f"m{i}", ids, 80, sampling=SamplingParams(temperature=0)))
+            if i == len(prompts) - 2:
+                tokens = {out.request_id: list(out.token_ids) for out in core.step()}
+        while core.has_work():
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        outputs.append(tokens)
+    same = sum(outputs[0][k] == outputs[1][k] for k in outputs[0])
+    print(
+        f"\nmixed forwards merging (4 streams + a 48-token prompt one token a step): "
+        f"{len(merged)} merged forwards; greedy tokens equal to the plain runner's for "
+        f"{same}/{len(outputs[0])} requests"
+    )
+
+
 def forwards_table(path: Path, threads: int, sizes: list[int], reps: int) -> None:
     """Decodes of 8 slots + a chunk of n tokens on slot 8's past: the plain runner's two
     forwards against one mixed forward, alternating."""
@@ -198,9 +237,7 @@ def main(argv=None) -> int:
     vocab = next(iter(cores.values())).runner.vocab_size
     merged: list[int] = []  # the chunks of each mixed forward the mixed engine ran
     names = list(cores)
-    runner = cores[names[-1]].runner
-    run_mixed = runner._mixed
-    runner._mixed = lambda chunks: merged.append(len(chunks)) or run_mixed(chunks)
+    count_mixed(cores[names[-1]].runner, merged)
     print(f"machine: {machine()}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name in cores}
     for r in range(args.rounds):
@@ -242,6 +279,7 @@ def main(argv=None) -> int:
             f"{vs_old:5.2f}   last long prompt's TTFT vs old {ttft:5.2f}"
         )
     print(f"  mixed forwards run by {names[-1]}: {len(merged)} (chunks in each: {merged[:20]})")
+    merged_check(args.package, args.threads, vocab)
     forwards_table(
         next(args.package.rglob("*.onnx")), args.threads, args.forward_sizes, args.forward_reps
     )
