@@ -7,7 +7,7 @@ database so every gateway replica applies a change without a restart.
     tokens_per_day               int | null  null           1 .. 10^12           quotas: default per project
     tokens_per_month             int | null  null           1 .. 10^13           quotas: default per project
     upload_max_bytes             int         536,870,912    1,024 .. 2^40        file uploads (413 beyond)
-    default_model                str | null  null           1 .. 200 characters  GET /v1/config
+    default_model                str | null  null           1 .. 200 characters  generation: the model "default"
 
 null means "no limit" (or no default model). A key's or project's own value wins over the
 default. `SettingsCache` reads them for the hot path and re-reads at most every `ttl_s` (5 s):
