@@ -5,7 +5,8 @@ Both flavours (exporters/onnx_ort.py, exporters/portable.py) take and return the
 the ORT runner (engine/runner.py), the TensorRT runner (engine/trt_runner.py) and the parity
 harness (exporters/runner.py) bind them by these names. B batch rows (cache slots), S new tokens
 per row, N logit rows asked for, L layers, K kv heads, hd head dim, M cache positions per row,
-V vocabulary; `cache` is the graph's dtype (float32, or float16 in an fp16 portable graph):
+V vocabulary; `cache` is the graph's dtype (float32, or float16 in an fp16 portable graph), or
+float16 in a float32 ORT graph built with a 16-bit cache (aimass.kv_dtype below):
 
     inputs                                                    outputs
     input_ids              int64  (batch, seq)      (B, S)    logits  float32 (n_logits, V)
@@ -31,6 +32,8 @@ metadata_props of the .onnx file (TensorRT plans carry none: the manifest record
     aimass.model_config    the trainer's ModelConfig as JSON (what the exporter's parity rebuilds)
     aimass.max_len         positions < max_len are valid (the rotary tables' length)
     aimass.dtype           "float32" | "float16": weights, activations and cache
+    aimass.kv_dtype        the cache's type where it differs from aimass.dtype ("float16" in an
+                           ORT graph built with a 16-bit cache); absent = aimass.dtype
 
 GRAPH_VERSION changes when a runner built for the old contract would misread a new graph (a
 renamed or added input, a new meaning of seqlens_k); the engine refuses a version it does not
@@ -70,6 +73,10 @@ FLAVOUR_KEY = "aimass.graph_flavour"
 CONFIG_KEY = "aimass.model_config"
 MAX_LEN_KEY = "aimass.max_len"
 DTYPE_KEY = "aimass.dtype"
+KV_DTYPE_KEY = "aimass.kv_dtype"
+
+# the cache types an ORT graph may be built with (its activations stay float32)
+KV_DTYPES = ("float32", "float16")
 
 # graph flavours (a manifest artifact's `flavour`; "tensorrt" there is a plan built from PORTABLE)
 ORT = "ort"
@@ -133,6 +140,7 @@ class GraphMetadata:
     max_len: int
     dtype: str
     model_config: str  # JSON; only the exporters (which have the trainer) parse it
+    kv_dtype: str | None = None  # the cache's type; None = dtype
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], source: str) -> GraphMetadata:
@@ -145,6 +153,7 @@ class GraphMetadata:
             max_len=int(props[MAX_LEN_KEY]),
             dtype=props[DTYPE_KEY],
             model_config=props[CONFIG_KEY],
+            kv_dtype=props.get(KV_DTYPE_KEY),
         )
 
     def props(self) -> dict[str, str]:
@@ -154,7 +163,7 @@ class GraphMetadata:
             CONFIG_KEY: self.model_config,
             MAX_LEN_KEY: str(self.max_len),
             DTYPE_KEY: self.dtype,
-        }
+        } | ({KV_DTYPE_KEY: self.kv_dtype} if self.kv_dtype not in (None, self.dtype) else {})
 
 
 class UnsupportedGraph(ValueError):

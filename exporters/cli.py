@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--targets",
         default="onnx-fp32",
-        help="comma-separated: onnx-fp32, onnx-int4, onnx-int8, onnx-portable-fp32, trt-fp16 "
+        help="comma-separated: onnx-fp32, onnx-int4, onnx-int8, onnx-portable-fp32, trt-fp16; "
+        "onnx-fp32-kv16, onnx-int4-kv16, onnx-int8-kv16 hold the KV cache in float16 "
         "(default onnx-fp32)",
     )
     p.add_argument("--out", required=True, metavar="PKG", help="package folder to create")

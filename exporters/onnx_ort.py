@@ -7,6 +7,11 @@ exporter would otherwise emit and ORT would have to pattern-match back together.
 Graph contract: the inputs, outputs and metadata of engine/graph.py, in float32, flavour "ort";
 the cache length is the symbolic `kv_len` (a runner allocates up to max_len positions).
 
+A 16-bit cache (`kv_dtype="float16"`, the onnx-*-kv16 targets): past/present in float16, half
+the bytes per cached position. GroupQueryAttention takes q, k, v and the cos/sin tables in the
+cache's type, so q|k|v is cast to float16 before each attention and its output back to float32
+after; everything else stays float32. The metadata states it (aimass.kv_dtype).
+
 What GroupQueryAttention (ORT 1.32, CPU) accepts under this contract, proven in
 tests/exporters/test_onnx_ort.py. The kernel tells the phases apart by S and
 total_sequence_length:
@@ -50,11 +55,13 @@ blocks is quantized from them instead (exporters/gguf_blocks.py, which replaces 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
 
 from engine import graph
 from exporters.graph_builder import GraphBuilder, graph_metadata
@@ -99,11 +106,14 @@ def _matmul(g: GraphBuilder, model: Transformer, x: str, weight: str, out: str) 
     return g.op("MatMul", x, g.const(weight, w), outputs=[out], name=weight.removesuffix(".weight"))
 
 
-def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
-    """The fp32 engine graph of `model`, for positions < `max_len` (see the module docstring)."""
+def build_ort_graph(model: Transformer, max_len: int, kv_dtype: str = "float32") -> onnx.ModelProto:
+    """The fp32 engine graph of `model`, for positions < `max_len`, its cache in `kv_dtype`
+    (graph.KV_DTYPES; see the module docstring)."""
     cfg = model.cfg
     if max_len < 1:
         raise ValueError(f"max_len={max_len} must be >= 1")
+    if kv_dtype not in graph.KV_DTYPES:
+        raise ValueError(f"kv_dtype={kv_dtype!r} must be one of {', '.join(graph.KV_DTYPES)}")
     g = GraphBuilder()
     # the KV length is symbolic: a runner may allocate fewer positions than the rotary tables
     # hold (max_len), e.g. to serve short contexts in less memory
@@ -114,11 +124,14 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
         kv_len=graph.KV_LEN,
         vocab_size=cfg.vocab_size,
     )
+    kv_np = np.dtype(kv_dtype)
+    _set_cache_type(g, helper.np_dtype_to_tensor_dtype(kv_np))
 
-    # rotary tables computed exactly as trainer.model does (fp32), the half width GQA wants
+    # rotary tables computed exactly as trainer.model does (fp32), the half width GQA wants,
+    # in the cache's type (GQA takes them in the type of q, k and v)
     cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta)  # (M, hd)
-    g.const("cos_cache", _np(cos[:, : cfg.head_dim // 2]))
-    g.const("sin_cache", _np(sin[:, : cfg.head_dim // 2]))
+    g.const("cos_cache", _np(cos[:, : cfg.head_dim // 2]).astype(kv_np))
+    g.const("sin_cache", _np(sin[:, : cfg.head_dim // 2]).astype(kv_np))
     g.const(EMBEDDING, _np(model.embed_tokens.weight))
     x = g.op("Gather", EMBEDDING, graph.INPUT_IDS, outputs=["embeds"], name="embed")
     # (B, S, D)
@@ -140,7 +153,7 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
             )
         else:
             h, residual = _skip_norm(g, pending, residual, w, f"{p}.ln1", cfg.norm_eps)
-        attn_out = _attention(g, model, h, i)
+        attn_out = _attention(g, model, h, i, kv_dtype)
         w = g.const(
             f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)
         )
@@ -160,15 +173,28 @@ def build_ort_graph(model: Transformer, max_len: int) -> onnx.ModelProto:
         "aimass-ort",
         [("", OPSET), (MS_DOMAIN, 1)],
         "aimass.exporters.onnx_ort",
-        graph_metadata(cfg, graph.ORT, max_len, "float32"),
+        replace(graph_metadata(cfg, graph.ORT, max_len, "float32"), kv_dtype=kv_dtype),
         ir_version=10,  # ORT 1.20+ reads IR 10; onnx's default may be newer than ORT
     )
 
 
-def _attention(g: GraphBuilder, model: Transformer, h: str, i: int) -> str:
-    """One fused q|k|v MatMul, GroupQueryAttention (rotary inside, KV appended in place), o."""
+def _set_cache_type(g: GraphBuilder, elem_type: int) -> None:
+    """The past and present tensors declared by declare_io (in the activations' float32),
+    retyped to the cache's type."""
+    for value in (*g.inputs, *g.outputs):
+        if value.name.startswith((graph.PAST + "_", graph.PRESENT + "_")):
+            value.type.tensor_type.elem_type = elem_type
+
+
+def _attention(g: GraphBuilder, model: Transformer, h: str, i: int, kv_dtype: str) -> str:
+    """One fused q|k|v MatMul, GroupQueryAttention (rotary inside, KV appended in place), o.
+    GQA takes q, k and v in the cache's type: a 16-bit cache puts a Cast on either side."""
     p, cfg = f"layers.{i}", model.cfg
     qkv = _matmul(g, model, h, f"{p}.qkv_proj.weight", f"{p}.qkv")  # (B, S, (H+2K)*hd)
+    half = kv_dtype != "float32"
+    if half:
+        to = helper.np_dtype_to_tensor_dtype(np.dtype(kv_dtype))
+        qkv = g.op("Cast", qkv, outputs=[f"{p}.qkv_half"], name=f"{p}.qkv_cast", to=to)
     y, _, _ = g.op(
         "GroupQueryAttention",
         qkv,
@@ -181,7 +207,11 @@ def _attention(g: GraphBuilder, model: Transformer, h: str, i: int) -> str:
         "cos_cache",
         "sin_cache",
         graph.POSITION_IDS,
-        outputs=[f"{p}.attn", graph.present_name(graph.KEY, i), graph.present_name(graph.VALUE, i)],
+        outputs=[
+            f"{p}.attn_half" if half else f"{p}.attn",
+            graph.present_name(graph.KEY, i),
+            graph.present_name(graph.VALUE, i),
+        ],
         name=f"{p}.attn",
         domain=MS_DOMAIN,
         num_heads=cfg.n_heads,
@@ -189,6 +219,8 @@ def _attention(g: GraphBuilder, model: Transformer, h: str, i: int) -> str:
         do_rotary=1,
         rotary_interleaved=0,  # "rotate half", as trainer.model and HF LLaMA
     )  # (B, S, H * hd)
+    if half:
+        y = g.op("Cast", y, outputs=[f"{p}.attn"], name=f"{p}.attn_cast", to=TensorProto.FLOAT)
     return _matmul(g, model, y, f"{p}.o_proj.weight", f"{p}.attn_out")  # (B, S, D)
 
 

@@ -46,12 +46,18 @@ class TargetSpec:
     dtype: str  # activations and unquantized weights
     bits: int | None  # weight-only quantization, None = full precision
     exact: bool  # greedy decoding must match eager PyTorch token for token
+    kv_dtype: str = "float32"  # the KV cache's type (engine.graph.KV_DTYPES; ORT flavour only)
 
 
+# the -kv16 variants hold their KV cache in float16 (half the memory per cached token; q, k and
+# v cast to float16 around each GroupQueryAttention); docs/engine.md "16-bit cache" has figures
 TARGETS: dict[str, TargetSpec] = {
     "onnx-fp32": TargetSpec(ORT, "onnxruntime", "float32", None, True),
     "onnx-int4": TargetSpec(ORT, "onnxruntime", "float32", 4, False),
     "onnx-int8": TargetSpec(ORT, "onnxruntime", "float32", 8, False),
+    "onnx-fp32-kv16": TargetSpec(ORT, "onnxruntime", "float32", None, False, "float16"),
+    "onnx-int4-kv16": TargetSpec(ORT, "onnxruntime", "float32", 4, False, "float16"),
+    "onnx-int8-kv16": TargetSpec(ORT, "onnxruntime", "float32", 8, False, "float16"),
     "onnx-portable-fp32": TargetSpec(PORTABLE, "onnxruntime", "float32", None, True),
     "trt-fp16": TargetSpec("tensorrt", "tensorrt", "float16", None, False),
 }
@@ -91,7 +97,7 @@ class Build:
     model: Any  # trainer.model.Transformer
     max_len: int
     root: Path  # the staging folder
-    graphs: dict[tuple[str, str], Any] = field(default_factory=dict)  # onnx.ModelProto by key
+    graphs: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # onnx.ModelProto
     checkpoint: Path | None = None  # where the model came from: its quantized blocks, if any
     _blocks: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -104,14 +110,15 @@ class Build:
             )
         return self._blocks
 
-    def graph(self, flavour: str, dtype: str = "float32"):
-        """The graph of a flavour and dtype, built once and shared by its quantized variants."""
-        key = (flavour, dtype)
+    def graph(self, flavour: str, dtype: str = "float32", kv_dtype: str = "float32"):
+        """The graph of a flavour, dtype and cache type (an ORT graph's own; a portable graph's
+        cache is its dtype), built once and shared by its quantized variants."""
+        key = (flavour, dtype, kv_dtype)
         if key not in self.graphs:
             if flavour == ORT:
                 if dtype != "float32":
                     raise ExportError(f"the ONNX Runtime flavour is float32 only, not {dtype}")
-                self.graphs[key] = onnx_ort.build_ort_graph(self.model, self.max_len)
+                self.graphs[key] = onnx_ort.build_ort_graph(self.model, self.max_len, kv_dtype)
             else:
                 self.graphs[key] = build_portable_graph(self.model, self.max_len, dtype=dtype)
         return self.graphs[key]
@@ -135,7 +142,7 @@ def build_artifact(build: Build, target: str, spec: TargetSpec) -> Artifact:
 
 def _build_onnx(build: Build, spec: TargetSpec, folder: Path) -> dict:
     # quantize and save leave their input intact, so the cached fp32 graph serves every target
-    proto = build.graph(spec.flavour)
+    proto = build.graph(spec.flavour, kv_dtype=spec.kv_dtype)
     quantization = None
     if spec.bits is not None and _from_blocks(build, spec):
         # weights that arrived quantized are served as they arrived, not quantized again

@@ -1,6 +1,7 @@
 """Memory that grows with use: the host KV cache is resident only where positions are written,
 a released slot gives its pages back, and the KV pool admits requests only while their prompt +
-max_tokens fit (engine/kv_memory.py, engine/kv_cache.py, StepRunner.release)."""
+max_tokens fit (engine/kv_memory.py, engine/kv_cache.py, StepRunner.release); a float16 cache
+(an onnx-*-kv16 target) takes half the bytes per position."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from engine.loader import EngineConfig, open_core
 from engine.request import EngineRequest, SamplingParams
 from engine.runner import OrtRunner
 from engine.scheduler import Scheduler, SchedulerConfig
+from registry.manifest import load
 from tests.engine.test_scheduler import BASE, FakeModel, alone, request, step
 
+KV16_LOGIT_TOL = 0.01  # a float16 cache against a float32 one, same weights: measured 1.2e-3
 linux = pytest.mark.skipif(sys.platform != "linux", reason="mincore and /proc/self/smaps")
 
 
@@ -159,6 +162,47 @@ def test_an_idle_engine_holds_no_cache_once_its_requests_finish(tiny_package):
     s = asyncio.run(stats())
     assert s.kv_resident_bytes == 0 and s.memory_bytes == info.weights_bytes > 0
     assert s.kv_tokens_total == info.kv_tokens == 128 and s.queue_waiting_for == ""
+
+
+@pytest.fixture(scope="module")
+def kv16_package(tmp_path_factory, tiny_run) -> Path:
+    """`tiny_run` exported with a float16 cache (onnx-fp32-kv16): its parity checked, not forced."""
+    from exporters.package import export  # deferred: torch, which the engine needs not
+
+    return export(tiny_run, ["onnx-fp32-kv16"], tmp_path_factory.mktemp("kv16") / "pkg")
+
+
+@pytest.mark.slow
+def test_a_float16_cache_passes_parity_and_halves_the_memory_per_position(
+    kv16_package, tiny_package
+):
+    report = load(kv16_package).reports.parity["onnx-fp32-kv16"]
+    assert report.passed and not report.forced
+    assert report.ppl_increase <= 0.01 and report.top1_agreement >= 0.98
+    half = OrtRunner(kv16_package / "onnx-fp32-kv16" / "model.onnx", 4, 128, threads=1)
+    full = runner(tiny_package, n_slots=4)
+    assert half.kv_dtype == np.float16 and full.kv_dtype == np.float32
+    assert half.kv_token_bytes * 2 == full.kv_token_bytes and half.kv_bytes * 2 == full.kv_bytes
+    # the same prompt in both: near logits, and the float16 cache holds it in half the pages
+    logits_half, logits_full = prefill(half, 1, 100), prefill(full, 1, 100)
+    assert np.abs(logits_half - logits_full).max() <= KV16_LOGIT_TOL
+    assert 100 * half.kv_token_bytes <= half.kv_resident_bytes() < full.kv_resident_bytes()
+
+
+@pytest.mark.slow
+def test_the_engine_serves_a_float16_cache_package(kv16_package):
+    core, info = open_core(kv16_package, EngineConfig(n_slots=4, threads=1, token_budget=64))
+    assert core.runner.kv_dtype == np.float16
+    prompt = tuple(range(5, 25))
+    for i in range(4):
+        core.add(EngineRequest(f"r{i}", prompt, 20, sampling=SamplingParams(temperature=0)))
+    emitted: dict[str, list[int]] = {}
+    while core.has_work():
+        for out in core.step():
+            emitted.setdefault(out.request_id, []).extend(out.token_ids)
+    # four rows of one prompt decoded together: the same greedy tokens in every row
+    assert len(emitted) == 4 and len({tuple(t) for t in emitted.values()}) == 1
+    assert core.runner.kv_resident_bytes() == 0
 
 
 @linux

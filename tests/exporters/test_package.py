@@ -154,7 +154,7 @@ def test_unknown_target_is_refused_before_any_work(tmp_path):
         export(tmp_path / "no-such-checkpoint", ["onnx-fp32", "onnx-fp64"], tmp_path / "pkg")
     assert str(e.value) == (
         "unknown target 'onnx-fp64'; known targets: onnx-fp32, onnx-int4, onnx-int8, "
-        "onnx-portable-fp32, trt-fp16"
+        "onnx-fp32-kv16, onnx-int4-kv16, onnx-int8-kv16, onnx-portable-fp32, trt-fp16"
     )
     assert list(tmp_path.iterdir()) == []
 
