@@ -171,10 +171,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.workers <= 64:
         return fail(f"--workers={args.workers} must be in 0..64")
     workers = [_start_worker(args, config.registry, n) for n in range(args.workers)]
+    # stopped with the app: after a clean shutdown uvicorn raises the SIGTERM it caught again,
+    # which ends this process before a `finally` after uvicorn.run would run
+    app.on_shutdown.append(lambda: _stop_workers(workers))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     finally:
-        _stop_workers(workers)
+        _stop_workers(workers)  # uvicorn failed to start, or stopped without a signal
     return 0
 
 

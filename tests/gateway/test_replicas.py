@@ -53,9 +53,26 @@ def serve(tmp_path: Path, name: str, database: str, registry: Path, workers: int
             time.sleep(0.2)
         yield base
     finally:
+        workers = _children(server.pid)
         server.terminate()
         # uvicorn re-raises the SIGTERM it handled once the app has shut down cleanly
         assert server.wait(90) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        for pid in workers:  # its worker children stopped with it
+            assert not _alive(pid), f"{name}'s worker {pid} outlived it"
+
+
+def _alive(pid: int) -> bool:
+    """Running, or stopped but not yet dead (a zombie whose parent has gone is dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def complete(base: str, key: str, model: str = "tiny") -> dict:
