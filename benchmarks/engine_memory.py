@@ -9,12 +9,14 @@
     python benchmarks/engine_memory.py PACKAGE                     # both, 3 cold runs
     python benchmarks/engine_memory.py PACKAGE --only memory --slots 32 --hold 16384
     python benchmarks/engine_memory.py PACKAGE --baseline HEAD~3   # that commit against this tree
+    python benchmarks/engine_memory.py PACKAGE --against OTHER     # another package, same tree
 
 A cold start as a server has it takes a package pulled into the local cache (`aimass registry
 pull` prints its folder): the pull's record of verified files spares the load from hashing them.
 `--baseline REV` extracts the engine, registry and aimass_common of a commit (`git archive`) and
-alternates its runs with this tree's, each in a fresh process; the summary gives both medians and
-their ratio. Numbers are printed as one JSON line per run, then a summary (medians).
+alternates its runs with this tree's, each in a fresh process; `--against OTHER` alternates a
+second package (another target of the same model: a float16 cache, say) on this tree. The summary
+gives both medians and their ratio (the second over the first). Numbers are printed as one JSON line per run, then a summary (medians).
 """
 
 from __future__ import annotations
@@ -186,12 +188,15 @@ def extract(rev: str) -> str:
     return folder
 
 
-def alternate(trees: dict[str, str], rounds: int, target, *args) -> dict[str, list[dict]]:
-    """`rounds` runs of target per tree, the trees' order swapped every round."""
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
+def alternate(
+    candidates: dict[str, tuple[str, str]], rounds: int, target, *args
+) -> dict[str, list[dict]]:
+    """`rounds` runs of target per candidate (a tree and a package), their order swapped every
+    round."""
+    runs: dict[str, list[dict]] = {name: [] for name in candidates}
     for i in range(rounds):
-        for name in list(trees)[:: 1 if i % 2 == 0 else -1]:
-            runs[name].append(run(target, trees[name], *args))
+        for name in list(candidates)[:: 1 if i % 2 == 0 else -1]:
+            runs[name].append(run(target, *candidates[name], *args))
     return runs
 
 
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=3, help="cold starts (per tree)")
     p.add_argument("--memory-runs", type=int, default=1, help="memory runs (per tree)")
     p.add_argument("--baseline", metavar="REV", help="a commit to alternate with this tree")
+    p.add_argument("--against", metavar="PACKAGE", help="a second package to alternate with")
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--cold-slots", type=int, default=8)
     p.add_argument("--hold", type=int, default=16384, help="cached tokens held together")
@@ -217,20 +223,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--streams", default="1,8", help="speed: streams decoding together")
     p.add_argument("--speed-runs", type=int, default=3, help="speed runs (per tree)")
     args = p.parse_args(argv)
-    trees = {"this tree": str(ROOT)}
+    trees = {"this tree": (str(ROOT), args.package)}
     if args.baseline:
-        trees = {args.baseline: extract(args.baseline), **trees}
+        trees = {args.baseline: (extract(args.baseline), args.package), **trees}
+    if args.against:
+        trees["against"] = (str(ROOT), args.against)
     mib = 1 << 20
     print(f"{'':36s} " + "  ".join(f"{name[:10]:>10s}" for name in trees))
     if args.only in (None, "cold"):
-        runs = alternate(trees, args.runs, cold, args.package, args.cold_slots, args.threads)
+        runs = alternate(trees, args.runs, cold, args.cold_slots, args.threads)
         print(f"cold start, {args.cold_slots} slots, medians of {args.runs}:")
         phases = dict.fromkeys(k for rs in runs.values() for k in rs[0]["phases"])
         for phase in phases:
             _summary(phase, runs, lambda r, k=phase: r["phases"].get(k, 0.0), "s")
         _summary("peak RSS", runs, lambda r: r["peak_rss"] / mib, "MiB")
     if args.only in (None, "memory"):
-        config = (args.package, args.slots, args.hold, args.threads)
+        config = (args.slots, args.hold, args.threads)
         runs = alternate(trees, args.memory_runs, memory, *config)
         weights = next(iter(runs.values()))[0]["weights_bytes"] / mib
         print(f"memory, {args.slots} slots, {args.hold} tokens held; weights {weights:.0f} MiB:")
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         _summary("cache resident after", runs, lambda r: r["kv_resident_after"] / mib, "MiB")
     if args.only in (None, "speed"):
         streams = [int(n) for n in args.streams.split(",")]
-        config = (args.package, streams, 128, args.threads)
+        config = (streams, 128, args.threads)
         runs = alternate(trees, args.speed_runs, speed, *config)
         print(f"decode speed, 128 tokens a stream, medians of {args.speed_runs}:")
         for key in next(iter(runs.values()))[0]:
