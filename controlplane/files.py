@@ -365,5 +365,7 @@ def delete(s: Session, principal: Principal, store: FileStore, file_id: str) -> 
 
 
 def spool_suffix(filename: str) -> str:
-    """The upload's extension, which decides how the corpus reader reads it."""
-    return Path(filename).suffix.lower()
+    """The upload's extension, which decides how the corpus reader reads it; "" for any other
+    (a name of any length or bytes must not reach the spool's path: check_form refuses it)."""
+    suffix = Path(filename).suffix.lower()
+    return suffix if suffix in SUFFIXES else ""

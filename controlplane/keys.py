@@ -119,7 +119,7 @@ def create_key(
         key_id=_new_key_id(s),
         project_id=project_id,
         name=None if name is None else check_name("name", name),
-        scopes=list(check_scopes(scopes)),
+        scopes=list(_within_creator(principal, check_scopes(scopes))),
         role=role,
         created_by=principal.id if principal.kind == "user" else None,
         created_at=now,
@@ -222,6 +222,18 @@ def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
         if scope not in SCOPES:
             raise InvalidInput(f"unknown scope {scope!r} in scopes; known: {known}", "scopes")
     return result
+
+
+def _within_creator(principal: Principal, scopes: tuple[str, ...]) -> tuple[str, ...]:
+    """A key makes keys with at most its own scopes: an `admin` key mints no `train` key."""
+    beyond = [s for s in scopes if principal.kind == "key" and s not in principal.scopes]
+    if beyond:
+        raise InvalidInput(
+            f"scopes {', '.join(repr(s) for s in beyond)} exceed those of the creating API key "
+            f"{principal.id} ({', '.join(principal.scopes)})",
+            "scopes",
+        )
+    return scopes
 
 
 def check_rate(field: str, value: int | None) -> int | None:
