@@ -22,6 +22,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from aimass_common.settings import default_database
+from controlplane.errors import InvalidInput
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -65,6 +66,7 @@ class Database:
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        event.listen(engine, "before_cursor_execute", _refuse_nul)
         return cls(engine)
 
     @property
@@ -113,3 +115,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _refuse_nul(_conn, _cursor, _statement, parameters, _context, executemany) -> None:
+    """PostgreSQL cannot store a NUL character in text (it raised a DataError: a 500); refuse
+    it on both dialects as the bad input it is, before the statement runs."""
+    for row in parameters if executemany else [parameters]:
+        values = row.values() if isinstance(row, dict) else row or ()
+        for value in values:
+            if isinstance(value, str) and "\x00" in value:
+                raise InvalidInput(
+                    f"the text {value[:100]!r} contains a NUL character (\\x00), which cannot be "
+                    "stored"
+                )

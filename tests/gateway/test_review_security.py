@@ -3,6 +3,7 @@ a key beyond its own scopes, and a hostile upload file name is a 400, never a 50
 
 from __future__ import annotations
 
+from tests.controlplane.conftest import postgres_url  # noqa: F401 (a fixture)
 from tests.gateway.conftest import assert_openai_error, base_config, http, make_key, running
 
 
@@ -25,3 +26,19 @@ def test_an_upload_file_name_the_spool_cannot_hold_is_a_400(tmp_path, monkeypatc
             r = h.post("/v1/files", data={"purpose": "fine-tune"},
                        files={"file": (name, b'{"text": "x"}\n')})  # fmt: skip
             assert_openai_error(r, 400, param="file")
+
+
+def test_a_nul_character_is_a_400_on_postgresql_too(tmp_path, monkeypatch, postgres_url):  # noqa: F811
+    """PostgreSQL stores no NUL in text: it was a 500 (DataError) for a name, a path id, or the
+    email of a sign-in; now a 400 before the statement runs, as on SQLite."""
+    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
+    config = base_config(tmp_path, tmp_path / "registry", database=postgres_url)
+    with running(config) as gw, http(gw) as h:
+        for method, path, body in [
+            ("POST", "/v1/projects", {"name": "a\x00b"}),
+            ("GET", "/v1/projects/%00", None),
+            ("GET", "/v1/files/file-%00", None),
+            ("POST", "/v1/auth/login", {"email": "a\x00@b.cd", "password": "x" * 8}),
+        ]:
+            error = assert_openai_error(h.request(method, path, json=body), 400)
+            assert "NUL character" in error["message"]
