@@ -348,7 +348,8 @@ def rename_project(s: Session, principal: Principal, project_id: str, name: str)
 
 
 def delete_project(s: Session, principal: Principal, project_id: str) -> None:
-    """Delete a project with its members, keys, files and jobs (the database cascades)."""
+    """Delete a project with its members, keys, files and jobs (the database cascades). Its
+    model names stay its own (`ModelOwner`): hidden from every project, never shared."""
     authorize(principal, "project:delete", project_id, _roles(s))
     project = project_row(s, project_id)
     audit.record(s, principal, "project.delete", project_id, project_id=project_id,

@@ -129,14 +129,16 @@ class ApiKey(Base):
 class ModelOwner(Base):
     """Which project a registry model name belongs to. A name with no row is shared by every
     project (the models an operator pushed with `aimass registry push`); one with a row is seen
-    only by its project's members and keys: another project's request for it is a 404."""
+    only by its project's members and keys: another project's request for it is a 404.
+
+    `project_id` is deliberately not a foreign key: when a project is deleted its rows stay, so
+    its models (still in the registry, which deletes nothing) stay its own — hidden from every
+    project, since a deleted project has no members or keys — instead of becoming shared."""
 
     __tablename__ = "model_owners"
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
-    project_id: Mapped[str] = mapped_column(
-        ForeignKey("projects.id", ondelete="CASCADE"), index=True
-    )
+    project_id: Mapped[str] = mapped_column(String(32), index=True)
     created_at: Mapped[datetime]
 
 
