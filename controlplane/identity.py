@@ -166,7 +166,8 @@ def list_users(s: Session, principal: Principal) -> list[UserView]:
 
 
 def disable_user(s: Session, principal: Principal, user_id: str) -> UserView:
-    """The user can no longer sign in; their sessions end now. Their keys stay (revoke them)."""
+    """The user can no longer sign in; their sessions end now, and the keys they made are
+    revoked."""
     authorize(principal, "users:manage", None, _roles(s))
     user = s.get(User, user_id)
     if user is None:
@@ -180,6 +181,7 @@ def disable_user(s: Session, principal: Principal, user_id: str) -> UserView:
                   .values(revoked_at=now))  # fmt: skip
         audit.record(s, principal, "user.disable", user_id, before=before,
                      after=msgspec.to_builtins(_user_view(user)))  # fmt: skip
+        _limit_keys(s, principal, user_id, None, None)
     return _user_view(user)
 
 
@@ -410,6 +412,7 @@ def set_role(
         member.role = role
         audit.record(s, principal, "member.role", user_id, project_id=project_id, before=before,
                      after=msgspec.to_builtins(_member_view(member, user)))  # fmt: skip
+        _limit_keys(s, principal, user_id, project_id, role)
     return _member_view(member, user)
 
 
@@ -426,6 +429,29 @@ def remove_member(s: Session, principal: Principal, project_id: str, user_id: st
     audit.record(s, principal, "member.remove", user_id, project_id=project_id,
                  before=msgspec.to_builtins(_member_view(member, user)))  # fmt: skip
     s.delete(member)
+    _limit_keys(s, principal, user_id, project_id, None)
+
+
+def _limit_keys(
+    s: Session, principal: Principal, user_id: str, project_id: str | None, role: str | None
+) -> None:
+    """A person's keys never outlive or outrank them: when they leave a project (`role` None),
+    or are disabled (`project_id` None: every project), their keys there are revoked; when their
+    role is lowered, so is that of their keys above it. Each change audited. Another gateway
+    replica's key cache sees it within its bound (5 s), as for any revocation."""
+    query = select(ApiKey).where(ApiKey.created_by == user_id, ApiKey.revoked_at.is_(None))
+    if project_id is not None:
+        query = query.where(ApiKey.project_id == project_id)
+    for key in s.scalars(query):
+        if role is None:
+            key.revoked_at = utcnow()
+            audit.record(s, principal, "key.revoke", key.key_id, project_id=key.project_id,
+                         after={"revoked_at": key.revoked_at.isoformat(),
+                                "reason": "its creator left or was disabled"})  # fmt: skip
+        elif ROLES.index(key.role) > ROLES.index(role):
+            audit.record(s, principal, "key.role", key.key_id, project_id=key.project_id,
+                         before={"role": key.role}, after={"role": role})  # fmt: skip
+            key.role = role
 
 
 def _member(s: Session, project_id: str, user_id: str) -> tuple[Member, User]:
