@@ -11,6 +11,7 @@ writers wait instead of failing) and foreign keys on. `postgresql://` URLs use p
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,12 +42,17 @@ def normalize_url(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ***, for messages and logs."""
+    """The URL with any password replaced by ***, for messages and logs: in its user part
+    (`user:pw@host`) and in its query (`?password=pw`, as libpq also takes it)."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:
         return url
     return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 class Database:

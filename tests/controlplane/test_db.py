@@ -62,3 +62,6 @@ def test_urls():
     with pytest.raises(ValueError, match="must start with sqlite:/// or postgresql://"):
         normalize_url("mysql://root:hunter2@h/d")
     assert "hunter2" not in redact("postgresql://root:hunter2@h/d")
+    assert redact("postgresql://root@h/d?sslmode=require&password=hunter2&x=1") == (
+        "postgresql://root@h/d?sslmode=require&password=***&x=1"
+    )
