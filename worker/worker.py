@@ -34,7 +34,6 @@ from exporters.errors import ExportError
 from registry.errors import RegistryError
 from registry.registry import Registry
 from trainer.errors import TrainerError
-from worker import training
 from worker.reporting import Reporter
 
 log = logging.getLogger("aimass.worker")
@@ -124,6 +123,10 @@ class Worker:
         self._record(job.id, lease, *outcome)
 
     def _run(self, job: jobs.JobView, reporter: Reporter, lease: _Lease):
+        # deferred: torch (the trainer and exporters), loaded by the first job, so an idle worker
+        # (the one `aimass serve` starts by default) does not hold it
+        from worker import training
+
         home = self.work_dir / job.id
         corpus = self._fetch(job.training_file, home / "files")
         run_dir = home / "run"
