@@ -40,8 +40,11 @@ def _set_default(config, value: str | None) -> None:
 def _usage_by_model(config) -> dict[str, int]:
     db = Database.open(config.database)
     try:
-        with db.session() as s:
-            return {u.model: u.requests for u in s.scalars(select(Usage))}
+        with db.session() as s:  # summed: the requests may straddle a minute's rows
+            totals: dict[str, int] = {}
+            for u in s.scalars(select(Usage)):
+                totals[u.model] = totals.get(u.model, 0) + u.requests
+            return totals
     finally:
         db.close()
 
