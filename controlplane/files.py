@@ -317,13 +317,13 @@ def list_files(
         query = query.where(File.purpose == purpose)
     if after is not None:
         cursor = file_row(s, principal, after)
-        query = query.where(_beyond(File, cursor.created_at, cursor.id, order))
+        query = query.where(beyond(File, cursor.created_at, cursor.id, order))
     ordering = (File.created_at, File.id) if order == "asc" else (File.created_at.desc(),
                                                                    File.id.desc())  # fmt: skip
     return [_view(f) for f in s.scalars(query.order_by(*ordering).limit(limit))]
 
 
-def _beyond(table, created_at: datetime, row_id: str, order: str):
+def beyond(table, created_at: datetime, row_id: str, order: str):
     """Rows strictly after (created_at, id) in `order`: the page after a cursor."""
     if order == "asc":
         return or_(table.created_at > created_at,

@@ -23,13 +23,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from controlplane import audit
 from controlplane.access import Principal, authorize
 from controlplane.errors import Conflict, InvalidInput, NotFound
-from controlplane.files import check_limit, file_row, project_scope, project_thing, role_lookup
+from controlplane.files import (
+    beyond,
+    check_limit,
+    file_row,
+    project_scope,
+    project_thing,
+    role_lookup,
+)
 from controlplane.models import Job, JobCheckpoint, JobEvent, ModelOwner, new_id, utcnow
 from registry.errors import RegistryError
 from registry.names import check_name, parse_ref
@@ -263,8 +270,7 @@ def list_jobs(
     query = select(Job).where(Job.project_id == project_id)
     if after is not None:
         cursor = job_row(s, principal, after)
-        query = query.where(or_(Job.created_at < cursor.created_at,
-                                (Job.created_at == cursor.created_at) & (Job.id < cursor.id)))  # fmt: skip
+        query = query.where(beyond(Job, cursor.created_at, cursor.id, "desc"))
     rows = s.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit))
     return [_view(j) for j in rows]
 
