@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     # deferred: sqlalchemy and alembic, which `aimass --help` need not load
     from sqlalchemy.exc import SQLAlchemyError
 
-    from controlplane.db import Database
+    from controlplane.db import Database, failure_line
 
     try:
         db = Database.open(args.database)
@@ -55,5 +55,5 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(str(e))
     except SQLAlchemyError as e:
-        return fail(f"database: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
+        return fail(failure_line(e), 1)
     return 0

@@ -89,6 +89,18 @@ class Database:
         with self._sessions.begin() as s:
             yield s
 
+    @classmethod
+    @contextlib.contextmanager
+    def migrated(cls, url: str | None = None) -> Iterator[Database]:
+        """`open(url)`, upgraded to the newest schema, closed on exit: what a CLI command
+        works on."""
+        db = cls.open(url)
+        try:
+            db.upgrade()
+            yield db
+        finally:
+            db.close()
+
     def upgrade(self, revision: str = "head") -> None:
         """Run the migrations up to `revision` (several processes may race here: Alembic's
         version row makes the loser's steps no-ops on PostgreSQL; SQLite serializes writers)."""
@@ -107,6 +119,11 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def failure_line(e: Exception) -> str:
+    """A database failure (SQLAlchemy's error, its driver's message) as a CLI's one line."""
+    return f"database: {type(e).__name__}: {str(e).splitlines()[0]}"
 
 
 def _alembic_config() -> Config:

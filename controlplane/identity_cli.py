@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     # deferred: sqlalchemy, argon2 and the services, which `aimass --help` need not load
     from sqlalchemy.exc import SQLAlchemyError
 
+    from controlplane.db import failure_line
     from controlplane.errors import ControlPlaneError
     from controlplane.identity_commands import run
 
@@ -104,4 +105,4 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `... | head`: the reader left; not an error of the database
         raise
     except (SQLAlchemyError, OSError) as e:
-        return fail(f"database: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
+        return fail(failure_line(e), 1)

@@ -26,16 +26,12 @@ from controlplane.models import Project, utcnow
 
 
 def run(args: argparse.Namespace) -> int:
-    db = Database.open(args.database)
-    try:
-        db.upgrade()
+    with Database.migrated(args.database) as db:
         imported = import_legacy_keys(db, aimass_home() / "gateway.db")
         if imported:
             print(f"imported {len(imported)} API keys from the former gateway.db", file=sys.stderr)
         with db.session() as s:
             return HANDLERS[args.group, args.identity_command](s, args)
-    finally:
-        db.close()
 
 
 def _print_json(value) -> None:

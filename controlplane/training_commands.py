@@ -4,10 +4,8 @@ database, calls the service as `access.CLI` and prints a line per item, or JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -19,16 +17,6 @@ from controlplane.db import Database
 from controlplane.errors import NotFound
 
 FOLLOW_POLL_S = 1.0
-
-
-@contextlib.contextmanager
-def _database(args: argparse.Namespace) -> Iterator[Database]:
-    db = Database.open(args.database)
-    try:
-        db.upgrade()
-        yield db
-    finally:
-        db.close()
 
 
 def _print(args: argparse.Namespace, items: list, line) -> None:
@@ -54,7 +42,7 @@ def _event_line(e: jobs.EventView) -> str:
 
 
 def files_list(args: argparse.Namespace) -> None:
-    with _database(args) as db, db.session() as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         _print(args, files.list_files(s, CLI, project=args.project), _file_line)
 
 
@@ -63,7 +51,7 @@ def files_upload(args: argparse.Namespace) -> None:
     if not path.is_file():
         raise NotFound(f"{path} is not a file", "path")
     store = files.FileStore.open(args.registry or default_registry())
-    with _database(args) as db:
+    with Database.migrated(args.database) as db:
         with db.session() as s:
             project_id, limit = files.begin_upload(s, CLI, args.project)
         files.check_form("fine-tune", path.name)
@@ -78,29 +66,29 @@ def files_upload(args: argparse.Namespace) -> None:
 
 def files_delete(args: argparse.Namespace) -> None:
     store = files.FileStore.open(args.registry or default_registry())
-    with _database(args) as db, db.session() as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         _print(args, [files.delete(s, CLI, store, args.file_id)], _file_line)
 
 
 def jobs_list(args: argparse.Namespace) -> None:
-    with _database(args) as db, db.session() as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         _print(args, jobs.list_jobs(s, CLI, project=args.project, limit=args.limit), _job_line)
 
 
 def jobs_show(args: argparse.Namespace) -> None:
-    with _database(args) as db, db.session() as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         _print(args, [jobs.retrieve(s, CLI, args.job_id)], _job_line)
 
 
 def jobs_cancel(args: argparse.Namespace) -> None:
-    with _database(args) as db, db.session() as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         _print(args, [jobs.cancel(s, CLI, args.job_id)], _job_line)
 
 
 def jobs_events(args: argparse.Namespace) -> None:
     """Oldest first; with --follow, what comes next too, until the job ends."""
     cursor = None
-    with _database(args) as db:
+    with Database.migrated(args.database) as db:
         while True:
             with db.session() as s:
                 finished = jobs.is_finished(s, args.job_id)

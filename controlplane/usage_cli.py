@@ -68,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     # deferred: sqlalchemy and the services, which `aimass --help` need not load
     from sqlalchemy.exc import SQLAlchemyError
 
+    from controlplane.db import failure_line
     from controlplane.errors import ControlPlaneError
     from controlplane.usage_commands import COMMANDS
 
@@ -76,5 +77,5 @@ def _run(args: argparse.Namespace) -> int:
     except (ControlPlaneError, ValueError) as e:
         return fail(str(e))
     except SQLAlchemyError as e:
-        return fail(f"database: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
+        return fail(failure_line(e), 1)
     return 0

@@ -4,9 +4,8 @@ opens the database, calls the service as `access.CLI` and returns the text to pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,17 +18,6 @@ from controlplane.errors import InvalidInput, NotFound
 from controlplane.identity import project_by_name
 from controlplane.models import utcnow
 from controlplane.usage import parse_time, usage_report
-
-
-@contextlib.contextmanager
-def _session(args: argparse.Namespace) -> Iterator:
-    db = Database.open(args.database)
-    try:
-        db.upgrade()
-        with db.session() as s:
-            yield s
-    finally:
-        db.close()
 
 
 def _project_id(session, name: str | None) -> str | None:
@@ -53,7 +41,7 @@ def usage(args: argparse.Namespace) -> str:
     now = utcnow()
     until = parse_time(args.until, "--until") if args.until else now
     since = parse_time(args.since, "--since") if args.since else until - timedelta(days=1)
-    with _session(args) as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         buckets = usage_report(
             s,
             CLI,
@@ -80,7 +68,7 @@ def usage(args: argparse.Namespace) -> str:
 
 
 def audit_log(args: argparse.Namespace) -> str:
-    with _session(args) as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         entries = audit.list_audit(
             s, CLI, project_id=_project_id(s, args.project), action=args.action, limit=args.limit
         )
@@ -97,7 +85,7 @@ def audit_log(args: argparse.Namespace) -> str:
 
 
 def config(args: argparse.Namespace) -> str:
-    with _session(args) as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         if args.config_command == "set":
             settings.set_value(s, CLI, args.key, _setting_value(args.key, args.value))
         values = settings.get_all(s)
@@ -120,7 +108,7 @@ def _setting_value(name: str, text: str) -> Any:
 
 
 def project_quotas(args: argparse.Namespace) -> str:
-    with _session(args) as s:
+    with Database.migrated(args.database) as db, db.session() as s:
         project_id = _project_id(s, args.project)
         if args.quotas_command == "set":
             changes = {q: _quota(getattr(args, q), q) for q in quotas.QUOTAS

@@ -132,10 +132,11 @@ def configure_logging() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # deferred: uvicorn, and the app (onnxruntime, see build_config), load only to serve
+    # deferred: uvicorn, sqlalchemy, and the app (onnxruntime, see build_config), load only to serve
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
 
+    from controlplane.db import failure_line
     from gateway.app import create_app
 
     try:
@@ -144,7 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         return fail(str(e))
     except SQLAlchemyError as e:
-        return fail(f"database: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
+        return fail(failure_line(e), 1)
     configure_logging()
     open_access = app.state.open_access
     if not open_access and not _credentials(app.state.db):

@@ -41,7 +41,7 @@ def _worker(args: argparse.Namespace) -> int:
     # deferred: torch (the trainer and exporters), which `aimass --help` must not load
     from sqlalchemy.exc import SQLAlchemyError
 
-    from controlplane.db import Database
+    from controlplane.db import Database, failure_line
     from controlplane.files import FileStore
     from registry.errors import RegistryError
     from registry.registry import Registry
@@ -64,7 +64,7 @@ def _worker(args: argparse.Namespace) -> int:
     except (ValueError, RegistryError) as e:
         return fail(str(e))
     except SQLAlchemyError as e:
-        return fail(f"database: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
+        return fail(failure_line(e), 1)
     print(f"aimass worker {worker.id} on {db.url}", file=sys.stderr, flush=True)
     try:
         with stop_on_signals(worker):
