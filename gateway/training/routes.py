@@ -7,7 +7,8 @@ key, or the one its `OpenAI-Project` header names (see controlplane.files.projec
     GET    /v1/files                                   files:read   purpose, order, limit, after
     GET    /v1/files/{file_id}                         files:read
     DELETE /v1/files/{file_id}                         files:write  the bytes too
-    GET    /v1/files/{file_id}/content                 files:read   the bytes as uploaded
+    GET    /v1/files/{file_id}/content                 files:read   the bytes as uploaded; with
+                                                                    Range: bytes=A-B, those (206)
     POST   /v1/fine_tuning/jobs                        jobs:write
     GET    /v1/fine_tuning/jobs                        jobs:read    after, limit
     GET    /v1/fine_tuning/jobs/{job_id}               jobs:read
@@ -15,16 +16,19 @@ key, or the one its `OpenAI-Project` header names (see controlplane.files.projec
     GET    /v1/fine_tuning/jobs/{job_id}/events        jobs:read    after, limit; stream=true: SSE
     GET    /v1/fine_tuning/jobs/{job_id}/events/stream jobs:read    server-sent events, live
     GET    /v1/fine_tuning/jobs/{job_id}/checkpoints   jobs:read    after, limit
+    GET    /v1/fine_tuning/options                     jobs:read    presets, hyperparameter bounds
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 from litestar.response import Stream
 
@@ -39,9 +43,12 @@ from gateway.training.upload import read_form
 Me = NamedDependency[Principal]
 Id = FromPath[str]
 Project = HeaderParameter(name="OpenAI-Project", required=False, max_length=100)
+Range = HeaderParameter(name="Range", required=False, max_length=200)
 READ_ERRORS = error_responses(400, 401, 403, 404)
 WRITE_ERRORS = error_responses(400, 401, 403, 404, 409)
 JOB = "/v1/fine_tuning/jobs/{job_id:str}"
+OCTETS = "application/octet-stream"
+BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII | re.IGNORECASE)
 STREAM_POLL_S = 0.5  # how often a live stream looks for new events
 
 
@@ -110,13 +117,50 @@ async def delete_file(request: Request, principal: Me, file_id: Id) -> api.FileD
 
 
 @get("/v1/files/{file_id:str}/content", opt={"action": "files:read"},
-     summary="The file's bytes, as uploaded", responses=READ_ERRORS)  # fmt: skip
-async def file_content(request: Request, principal: Me, file_id: Id) -> Stream:
-    chunks = await in_transaction(_db(request), files.content, principal, _store(request), file_id)
-    return Stream(chunks, media_type="application/octet-stream")
+     summary="The file's bytes, as uploaded; a Range of them (206), such as a preview's first KiB",
+     responses=error_responses(400, 401, 403, 404, 416))  # fmt: skip
+async def file_content(
+    request: Request, principal: Me, file_id: Id, byte_range: str | None = Range
+) -> Stream:
+    db, store = _db(request), _store(request)
+    if byte_range is None:
+        chunks = await in_transaction(db, files.content, principal, store, file_id)
+        return Stream(chunks, media_type=OCTETS, headers={"Accept-Ranges": "bytes"})
+    view = await in_transaction(db, files.retrieve, principal, file_id)
+    start, stop = _byte_range(byte_range, view.bytes)
+    chunks = store.store.read_chunks(store.key(view.id), start, stop)  # only those bytes are read
+    return Stream(chunks, status_code=206, media_type=OCTETS,
+                  headers={"Accept-Ranges": "bytes", "Content-Length": str(stop - start),
+                           "Content-Range": f"bytes {start}-{stop - 1}/{view.bytes}"})  # fmt: skip
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int]:
+    """[start, stop) of one `bytes=FIRST-LAST`, `bytes=FIRST-` or `bytes=-SUFFIX` range (RFC 9110
+    14.1.2; LAST past the end is the end). 416 for any other: several ranges, another unit, one
+    that starts past the end."""
+    match = BYTE_RANGE.fullmatch(header.strip())
+    first, last = match.groups() if match else ("", "")
+    start = stop = 0
+    if first and (not last or int(last) >= int(first)):
+        start, stop = int(first), min(int(last) + 1, size) if last else size
+    elif last and not first:
+        start, stop = max(0, size - int(last)), size
+    if start >= stop:
+        raise HTTPException(
+            f"Range {header[:100]!r} is not one satisfiable range of this file of {size} bytes: "
+            "give bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX, FIRST below the size",
+            status_code=416, headers={"Content-Range": f"bytes */{size}"},
+        )  # fmt: skip
+    return start, stop
 
 
 # ── fine-tuning jobs ──
+
+
+@get("/v1/fine_tuning/options", opt={"action": "jobs:read"}, responses=READ_ERRORS,
+     summary="What a job may be given: the presets, each hyperparameter's bounds and default")  # fmt: skip
+async def job_options() -> api.FineTuningOptions:
+    return api.OPTIONS
 
 
 @post("/v1/fine_tuning/jobs", opt={"action": "jobs:write"}, status_code=200,
@@ -227,5 +271,6 @@ async def list_checkpoints(
                               last_id=data[-1].id if data else None)  # fmt: skip
 
 
-ROUTES = [create_file, list_files, retrieve_file, delete_file, file_content, create_job,
-          list_jobs, retrieve_job, cancel_job, list_events, stream_events, list_checkpoints]  # fmt: skip
+ROUTES = [create_file, list_files, retrieve_file, delete_file, file_content, job_options,
+          create_job, list_jobs, retrieve_job, cancel_job, list_events, stream_events,
+          list_checkpoints]  # fmt: skip

@@ -1,6 +1,7 @@
 """The shapes of /v1/files and /v1/fine_tuning: OpenAI's file, fine-tuning job, event and
 checkpoint objects (the official client parses them), with our extensions as extra fields
-(`project_id`, `sha256`, `suffix`, `attempts`, `result`). Times are unix seconds."""
+(`project_id`, `sha256`, `suffix`, `attempts`, `result`), and the options a job form offers
+(`/v1/fine_tuning/options`, ours). Times are unix seconds."""
 
 from __future__ import annotations
 
@@ -156,3 +157,67 @@ class CheckpointList(msgspec.Struct, kw_only=True):
 def checkpoint_object(c: jobs.CheckpointView) -> Checkpoint:
     return Checkpoint(id=c.id, created_at=ts(c.created_at), fine_tuning_job_id=c.job_id,
                       step_number=c.step, metrics=c.metrics)  # fmt: skip
+
+
+# ── what a job may be given: /v1/fine_tuning/options ──
+
+# What the trainer uses for a hyperparameter a job leaves out, (training from scratch on a
+# preset, fine-tuning a base model): trainer/config.py's TrainConfig and FINETUNE_DEFAULTS, and
+# worker/training.py's DEFAULT_EPOCHS. Stated here because the gateway never imports the trainer;
+# tests/gateway/test_training_api.py checks each against those sources. None: derived (max_steps
+# is n_epochs passes over the training blocks).
+TRAINER_DEFAULTS: dict[str, tuple[int | float | None, int | float | None]] = {
+    "n_epochs": (1, 1),
+    "max_steps": (None, None),
+    "batch_size": (16, 16),
+    "learning_rate_multiplier": (1.0, 1.0),
+    "learning_rate": (3e-3, 1e-4),
+    "block_size": (128, 128),  # and at most the model's context
+    "warmup_steps": (20, 10),
+    "eval_interval": (50, 50),
+}
+DESCRIPTIONS = {
+    "n_epochs": "passes over the training file (or give max_steps)",
+    "max_steps": "optimizer steps to train for; by default those of n_epochs passes",
+    "batch_size": "sequences per optimizer step",
+    "learning_rate_multiplier": "scales the default peak learning rate (or give learning_rate)",
+    "learning_rate": "peak learning rate of the cosine schedule",
+    "block_size": "tokens per training sequence, at most the model's context",
+    "warmup_steps": "steps of linear warmup to the peak learning rate",
+    "eval_interval": "steps between validation passes and checkpoints",
+}
+
+
+class Hyperparameter(msgspec.Struct, kw_only=True):
+    name: str
+    type: Literal["integer", "number"]
+    minimum: int | float | None = None  # inclusive
+    exclusive_minimum: int | float | None = None
+    maximum: int | float | None = None  # inclusive
+    auto: bool  # "auto" is accepted (OpenAI's name for the default)
+    default: int | float | None  # from scratch on a preset; None: derived
+    fine_tune_default: int | float | None  # fine-tuning a base model
+    description: str
+
+
+class FineTuningOptions(msgspec.Struct, kw_only=True):
+    object: Literal["fine_tuning.options"] = "fine_tuning.options"
+    presets: list[str]  # the `model` values that train from scratch
+    hyperparameters: list[Hyperparameter]
+    seed_maximum: int  # a seed is an integer in 0..seed_maximum (random when not given)
+
+
+def _hyperparameter(name: str) -> Hyperparameter:
+    kind, bounds = jobs.BOUNDS[name]
+    default, fine_tune_default = TRAINER_DEFAULTS[name]
+    return Hyperparameter(name=name, type="integer" if kind is int else "number",
+                          minimum=bounds.get("ge"), exclusive_minimum=bounds.get("gt"),
+                          maximum=bounds.get("le"), auto=name in jobs.AUTO, default=default,
+                          fine_tune_default=fine_tune_default,
+                          description=DESCRIPTIONS[name])  # fmt: skip
+
+
+# built at import from controlplane.jobs' BOUNDS: a bound without a stated default fails here
+OPTIONS = FineTuningOptions(presets=list(jobs.PRESETS),
+                            hyperparameters=[_hyperparameter(name) for name in jobs.BOUNDS],
+                            seed_maximum=jobs.MAX_SEED)  # fmt: skip

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from controlplane import settings
+from controlplane import jobs, settings
 from controlplane.access import CLI
 from controlplane.db import Database
 from registry.registry import Registry
@@ -34,6 +34,8 @@ from tests.gateway.conftest import (
     running,
     sse_data,
 )
+from trainer import config as trainer_config
+from worker import training as worker_training
 from worker.worker import Worker, WorkerConfig
 
 FAST = {"max_steps": 3, "batch_size": 4, "block_size": 32, "eval_interval": 3}
@@ -197,6 +199,93 @@ def test_a_viewer_key_may_not_create_jobs_and_another_project_sees_no_file(tmp_p
             openai_client(gw, developer).fine_tuning.jobs.create(
                 model="tiny", training_file=uploaded.id, hyperparameters={"n_epochs": 0}
             )
+
+
+# our hyperparameter → the TrainConfig field the worker sets from it (worker/training.py)
+TRAIN_CONFIG_FIELD = {"batch_size": "batch_size", "block_size": "block_size",
+                      "warmup_steps": "warmup_steps", "eval_interval": "eval_every",
+                      "learning_rate": "lr"}  # fmt: skip
+
+
+def test_the_job_options_are_the_services_bounds_and_the_trainers_defaults(tmp_path, home):
+    config = base_config(tmp_path, tmp_path / "registry")
+    _, viewer = make_key(config.database, "acme", ["train"], role="viewer")
+    _, inference = make_key(config.database, "acme", ["inference"])
+    with running(config) as gw:
+        with http(gw, Authorization=f"Bearer {viewer}") as h:
+            r = h.get("/v1/fine_tuning/options")
+        with http(gw, Authorization=f"Bearer {inference}") as h:
+            assert_openai_error(h.get("/v1/fine_tuning/options"), 403, "missing_scope")
+    assert r.status_code == 200, r.text
+    options = r.json()
+    assert options["presets"] == ["tiny", "small"] == list(jobs.PRESETS)
+    assert options["seed_maximum"] == jobs.MAX_SEED
+    by_name = {hp["name"]: hp for hp in options["hyperparameters"]}
+    assert list(by_name) == list(jobs.BOUNDS)
+    scratch = trainer_config.build_train_config("tiny")
+    tuned = trainer_config.build_train_config(
+        None, None, None, base="base", base_model=trainer_config.PRESETS["small"]
+    )
+    for name, (kind, bounds) in jobs.BOUNDS.items():
+        hp = by_name[name]
+        assert hp["type"] == ("integer" if kind is int else "number")
+        assert (hp["minimum"], hp["exclusive_minimum"], hp["maximum"]) == (
+            bounds.get("ge"), bounds.get("gt"), bounds["le"]
+        )  # fmt: skip
+        assert hp["auto"] == (name in jobs.AUTO) and hp["description"]
+        field = TRAIN_CONFIG_FIELD.get(name)
+        if field is not None:
+            assert hp["default"] == getattr(scratch, field), name
+            assert hp["fine_tune_default"] == getattr(tuned, field), name
+        for default in (hp["default"], hp["fine_tune_default"]):
+            if default is not None:  # a default the service itself would accept
+                assert jobs.check_hyperparameters({name: default}) == {name: default}
+    assert by_name["n_epochs"]["default"] == worker_training.DEFAULT_EPOCHS
+    assert by_name["n_epochs"]["fine_tune_default"] == worker_training.DEFAULT_EPOCHS
+    assert by_name["max_steps"]["default"] is None  # n_epochs passes, counted at the start
+    assert by_name["learning_rate_multiplier"]["default"] == 1.0  # the learning rate as is
+
+
+def test_a_range_of_a_files_content_reads_only_those_bytes(tmp_path, home):
+    config = base_config(tmp_path, tmp_path / "registry")
+    _, developer = make_key(config.database, "acme", ["train"], role="developer")
+    _, outsider = make_key(config.database, "other", ["train"])
+    data = corpus(tmp_path / "c.jsonl", 5_000).read_bytes()
+    size = len(data)
+    with running(config) as gw:
+        uploaded = openai_client(gw, developer).files.create(file=("c.jsonl", data),
+                                                             purpose="fine-tune")  # fmt: skip
+        store = gw.state.files.store
+        reads = []
+        read_chunks = store.read_chunks
+
+        def spy(key, offset, stop):
+            reads.append((offset, stop))
+            return read_chunks(key, offset, stop)
+
+        store.read_chunks = spy
+        content = f"/v1/files/{uploaded.id}/content"
+        with http(gw, Authorization=f"Bearer {developer}") as h:
+            whole = h.get(content)
+            assert whole.status_code == 200 and whole.content == data
+            assert whole.headers["accept-ranges"] == "bytes"
+            for header, start, stop in [("bytes=0-99", 0, 100), ("bytes=100-", 100, size),
+                                        ("bytes=-50", size - 50, size),
+                                        ("bytes=0-99999999", 0, size)]:  # fmt: skip
+                reads.clear()
+                r = h.get(content, headers={"Range": header})
+                assert r.status_code == 206, (header, r.text)
+                assert r.content == data[start:stop], header
+                assert r.headers["content-range"] == f"bytes {start}-{stop - 1}/{size}"
+                assert reads == [(start, stop)], header  # the store read no more than that
+            for header in (f"bytes={size}-", "bytes=5-3", "bytes=-0", "bytes=0-1,5-6",
+                           "items=0-5", "bytes=²-5".encode("latin-1")):  # fmt: skip
+                r = h.get(content, headers={"Range": header})
+                error = assert_openai_error(r, 416)
+                assert f"{size} bytes" in error["message"], header
+                assert r.headers["content-range"] == f"bytes */{size}"
+        with http(gw, Authorization=f"Bearer {outsider}") as h:
+            assert_openai_error(h.get(content, headers={"Range": "bytes=0-9"}), 404)
 
 
 @pytest.mark.slow
