@@ -2,7 +2,7 @@
 over the control-plane services (controlplane/usage.py, audit.py, settings.py, quotas.py), each
 call in its own transaction off the event loop (gateway/control/transaction.py).
 
-    GET   /v1/usage                   usage:read       buckets of tokens and requests
+    GET   /v1/usage                   usage:read       buckets of tokens and requests (or CSV)
     GET   /v1/audit                   audit:read       the audit log, newest first
     GET   /v1/config                  authenticated    platform settings (none is secret)
     PATCH /v1/config                  settings:write   change settings (platform admins)
@@ -14,12 +14,15 @@ Every query parameter is bounded; one out of bounds is a 400 naming it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from litestar import Request, get, patch
+from litestar import Request, Response, get, patch
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from controlplane import audit, quotas, settings
@@ -34,6 +37,7 @@ from gateway.errors import error_responses
 DEFAULT_SPAN = timedelta(days=1)  # /v1/usage without start_time: the day before end_time
 LENGTHS = {"project_id": 32, "key_id": 8, "model": 200, "actor": 64, "action": 64,
            "start_time": 40, "end_time": 40, "since": 40, "until": 40}  # fmt: skip
+FORMATS = ("json", "csv")  # /v1/usage's answers
 QUOTAS = "/v1/projects/{project_id:str}/quotas"
 
 
@@ -48,9 +52,25 @@ def _time(value: str | None, name: str) -> datetime | None:
     return parse_time(value, name) if value is not None else None
 
 
-@get("/v1/usage", opt={"action": "usage:read"},
+@dataclass
+class _JsonOrCsv(Operation):
+    """/v1/usage's 200 in /docs/openapi.json: the page as JSON, or with format=csv a CSV file (a
+    `ResponseSpec` holds one media type)."""
+
+    def __post_init__(self) -> None:
+        csv_file = Schema(type=OpenAPIType.STRING, content_media_type="text/csv",
+                          description="A header row (" + ", ".join(api.CSV_COLUMNS) + "), then "
+                          "one row per bucket; times ISO 8601 UTC")  # fmt: skip
+        self.responses["200"].content["text/csv"] = OpenAPIMediaType(schema=csv_file)
+
+
+USAGE_OK = ResponseSpec(api.UsagePage, description="The buckets; a CSV file with format=csv",
+                        generate_examples=False)  # fmt: skip
+
+
+@get("/v1/usage", opt={"action": "usage:read"}, operation_class=_JsonOrCsv,
      summary="Usage: requests and tokens per project, key and model, in time buckets",
-     responses=error_responses(400, 401, 403, 404))  # fmt: skip
+     responses={200: USAGE_OK} | error_responses(400, 401, 403, 404))  # fmt: skip
 async def get_usage(
     request: Request,
     principal: NamedDependency[Principal],
@@ -60,15 +80,23 @@ async def get_usage(
     start_time: FromQuery[str | None] = None,
     end_time: FromQuery[str | None] = None,
     group_by: FromQuery[str] = "day",
-) -> api.UsagePage:
+    format: FromQuery[str] = "json",
+) -> Response:
+    if format not in FORMATS:  # before the query: a bad format costs no database work
+        raise InvalidInput(f"format {format[:20]!r} must be one of: {', '.join(FORMATS)}",
+                           "format")  # fmt: skip
     _bounded(project_id=project_id, key_id=key_id, model=model)
     end = _time(end_time, "end_time") or utcnow()
     start = _time(start_time, "start_time") or end - DEFAULT_SPAN
     buckets = await in_transaction(request.app.state.db, usage_report, principal, start=start,
                                    end=end, project_id=project_id, key_id=key_id, model=model,
                                    group_by=group_by)  # fmt: skip
-    return api.UsagePage(start_time=int(start.timestamp()), end_time=int(end.timestamp()),
-                         group_by=group_by, data=buckets)  # fmt: skip
+    if format == "csv":  # the handler answers two media types, so it returns whole responses
+        name = f"usage-{start:%Y%m%dT%H%MZ}-{end:%Y%m%dT%H%MZ}.csv"
+        return Response(api.usage_csv(buckets), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
+    return Response(api.UsagePage(start_time=int(start.timestamp()),
+                                  end_time=int(end.timestamp()), group_by=group_by, data=buckets))  # fmt: skip
 
 
 @get("/v1/audit", opt={"action": "audit:read"},

@@ -1,8 +1,11 @@
 """The shapes of /v1/usage, /v1/audit, /v1/config and /v1/projects/{id}/quotas. Times are unix
-seconds, as in OpenAI's API."""
+seconds, as in OpenAI's API; /v1/usage?format=csv writes them as ISO 8601 UTC for spreadsheets."""
 
 from __future__ import annotations
 
+import csv
+import io
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -20,6 +23,33 @@ class UsagePage(msgspec.Struct, kw_only=True):
     end_time: int
     group_by: str
     data: list[UsageBucket]  # in time order; buckets with no requests left out
+
+
+CSV_COLUMNS = ("start_time", "end_time", "project_id", "key_id", "model", "requests",
+               "prompt_tokens", "completion_tokens", "errors")  # fmt: skip
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads such a cell as a formula
+
+
+def usage_csv(buckets: list[UsageBucket]) -> str:
+    """The buckets as CSV with a header row: times ISO 8601 UTC, text quoted, counts bare. A text
+    cell that a spreadsheet would run as a formula (a model name is anyone's choice) starts with
+    an apostrophe, as OWASP's CSV-injection advice says, so it shows as text."""
+    out = io.StringIO()
+    writer = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for b in buckets:
+        writer.writerow((_iso(b.start_time), _iso(b.end_time), _text(b.project_id),
+                         _text(b.key_id), _text(b.model), b.requests, b.prompt_tokens,
+                         b.completion_tokens, b.errors))  # fmt: skip
+    return out.getvalue()
+
+
+def _iso(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _text(value: str) -> str:
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
 class AuditPage(msgspec.Struct, kw_only=True):

@@ -5,6 +5,8 @@ is bounded."""
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import UTC, datetime, timedelta
 
 import openai
@@ -16,7 +18,7 @@ from controlplane.access import CLI
 from controlplane.db import Database
 from controlplane.identity import project_by_name
 from controlplane.quotas import set_quotas
-from controlplane.usage import usage_report
+from controlplane.usage import UsageRecorder, usage_report
 from tests.gateway.conftest import (
     assert_openai_error,
     base_config,
@@ -172,6 +174,9 @@ def test_an_inference_key_may_not_read_usage_or_audit(config):
         ("/v1/usage", {"start_time": "0", "group_by": "minute"}, "start_time"),
         ("/v1/usage", {"model": "m" * 201}, "model"),
         ("/v1/usage", {"start_time": "2030-01-02", "end_time": "2030-01-01"}, "end_time"),
+        ("/v1/usage", {"format": "xml"}, "format"),
+        ("/v1/usage", {"format": "csv", "start_time": "0", "group_by": "minute"}, "start_time"),
+        ("/v1/usage", {"format": "csv", "model": "m" * 201}, "model"),
         ("/v1/audit", {"limit": "0"}, "limit"),
         ("/v1/audit", {"limit": "5000"}, "limit"),
         ("/v1/audit", {"limit": "many"}, "limit"),
@@ -247,3 +252,85 @@ def test_a_request_the_engine_fails_is_metered_as_an_error(config):
 
             data = wait_for(counted, timeout=10)
     assert [(b["key_id"], b["requests"], b["errors"]) for b in data] == [(record.key_id, 2, 1)]
+
+
+# ── CSV ──
+
+
+def _csv_rows(r) -> list[dict[str, str]]:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/csv")
+    assert r.headers["content-disposition"].startswith('attachment; filename="usage-')
+    return list(csv.DictReader(io.StringIO(r.text)))
+
+
+def test_usage_as_csv_holds_the_json_buckets(config):
+    record, key = make_key(config.database, "alpha", ["inference", "admin"])
+    with running(config) as gw:
+        done = _complete(openai_client(gw, key), 2)
+        with http(gw, authorization=f"Bearer {key}") as h:
+            params = {"group_by": "hour"}
+
+            def flushed():
+                body = h.get("/v1/usage", params=params).json()
+                return body if sum(b["requests"] for b in body["data"]) == 2 else None
+
+            body = wait_for(flushed, timeout=10)
+            params |= {"start_time": str(body["start_time"]), "end_time": str(body["end_time"])}
+            r = h.get("/v1/usage", params=params | {"format": "csv"})
+    assert r.text.splitlines()[0] == ('"start_time","end_time","project_id","key_id","model",'
+                                      '"requests","prompt_tokens","completion_tokens","errors"')  # fmt: skip
+    rows = _csv_rows(r)
+    [bucket] = body["data"]
+    [row] = rows
+    hour = datetime.fromtimestamp(bucket["start_time"], UTC)
+    assert row == {
+        "start_time": hour.strftime("%Y-%m-%dT%H:00:00Z"),
+        "end_time": (hour + timedelta(hours=1)).strftime("%Y-%m-%dT%H:00:00Z"),
+        "project_id": record.project_id,
+        "key_id": record.key_id,
+        "model": "tiny",
+        "requests": "2",
+        "prompt_tokens": str(sum(c.usage.prompt_tokens for c in done)),
+        "completion_tokens": str(sum(c.usage.completion_tokens for c in done)),
+        "errors": "0",
+    }
+
+
+def test_usage_csv_neutralises_cells_a_spreadsheet_would_run(config):
+    """Model names are anyone's choice: one that starts like a formula comes out as text."""
+    record, key = make_key(config.database, "alpha", ["inference", "admin"])
+    at = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
+    names = ['=HYPERLINK("http://x","y")', "+1", "-2+3", "@SUM(A1)", "\tx", 'a,"b"\nc']
+    db = Database.open(config.database)
+    recorder = UsageRecorder(db, now=lambda: at)
+    for name in names:
+        recorder.record(record.project_id, record.key_id, name, 3, 4)
+    recorder.flush()
+    db.close()
+    with running(config) as gw, http(gw, authorization=f"Bearer {key}") as h:
+        r = h.get("/v1/usage", params={"start_time": "2030-01-01", "end_time": "2030-01-02",
+                                       "format": "csv"})  # fmt: skip
+    rows = _csv_rows(r)
+    assert sorted(row["model"] for row in rows) == sorted(
+        ['\'=HYPERLINK("http://x","y")', "'+1", "'-2+3", "'@SUM(A1)", "'\tx", 'a,"b"\nc']
+    )
+    assert {(row["start_time"], row["requests"], row["completion_tokens"]) for row in rows} == {
+        ("2030-01-01T00:00:00Z", "1", "4")
+    }
+    # text cells are quoted, counts bare
+    assert '"\'=HYPERLINK(""http://x"",""y"")",1,3,4,0' in r.text
+
+
+def test_usage_csv_has_the_json_permissions(config):
+    _, inference = make_key(config.database, "alpha", ["inference"])
+    _, admin = make_key(config.database, "alpha", ["inference", "admin"])
+    beta, _ = make_key(config.database, "beta", ["inference"])
+    with running(config) as gw:
+        with http(gw, authorization=f"Bearer {inference}") as h:
+            assert_openai_error(h.get("/v1/usage", params={"format": "csv"}), 403, "missing_scope")
+        with http(gw, authorization=f"Bearer {admin}") as h:
+            r = h.get("/v1/usage", params={"format": "csv", "project_id": beta.project_id})
+            assert_openai_error(r, 404)
+            empty = h.get("/v1/usage", params={"format": "csv"})
+    assert _csv_rows(empty) == [] and empty.text.count("\n") == 1  # the header row alone
