@@ -160,6 +160,19 @@ def create_user(
     return view
 
 
+def users_exist(s: Session) -> bool:
+    return s.scalar(select(User.id).limit(1)) is not None
+
+
+def create_first_admin(s: Session, email: str, display_name: str, password: str) -> UserView:
+    """The first platform admin of a platform with no users (the console's first-run page);
+    Conflict once anyone exists, so it can never make a second one."""
+    if users_exist(s):
+        raise Conflict("the platform has users already: an admin signs in and adds people")
+    return create_user(s, Principal("local", is_admin=True), email, display_name, password,
+                       is_admin=True)  # fmt: skip
+
+
 def list_users(s: Session, principal: Principal) -> list[UserView]:
     authorize(principal, "users:manage", None, _roles(s))
     return [_user_view(u) for u in s.scalars(select(User).order_by(User.created_at, User.email))]

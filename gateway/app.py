@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import time
@@ -44,13 +43,16 @@ from gateway.auth.service import (
     SAFE_METHODS,
     SESSION_COOKIE,
     ModelOwners,
+    is_loopback,
     key_principal,
     require_action,
     session_principal,
 )
 from gateway.clock import Clock, monotonic
-from gateway.control import auth_routes, project_routes, usage_routes
+from gateway.console import routes as console
+from gateway.control import auth_routes, overview_routes, project_routes, usage_routes
 from gateway.errors import classify
+from gateway.library import routes as library_routes
 from gateway.limits.service import RateLimiter, make_rate_limiter
 from gateway.metrics import GatewayMetrics
 from gateway.models.deployments import Loader
@@ -103,15 +105,6 @@ class GatewayConfig:
             raise ValueError(
                 f"GatewayConfig.max_body_bytes = {self.max_body_bytes} must be >= 1024"
             )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ── authentication: every route states its action in opt; no action means public ──
@@ -377,10 +370,13 @@ def create_app(
             *auth_routes.ROUTES,
             *project_routes.ROUTES,
             *usage_routes.ROUTES,
+            *overview_routes.ROUTES,
             *training_routes.ROUTES,
+            *library_routes.ROUTES,
             healthz,
             readyz,
             metrics_route,
+            *console.routes(),
         ],
         dependencies={
             "models": Provide(lambda: models, sync_to_thread=False),
@@ -389,7 +385,8 @@ def create_app(
         },
         guards=[auth_guard],
         exception_handlers={Exception: error_response},
-        middleware=[request_context],
+        middleware=[request_context, console.static_security_headers],
+        template_config=console.template_config(),
         lifespan=[lifespan],
         state=state,
         request_max_body_size=config.max_body_bytes,

@@ -17,6 +17,7 @@ a name it has not seen exist before its last read (a model just pushed) is read 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Callable, Iterable
 
@@ -165,3 +166,13 @@ class ModelOwners:
                 return False
             authorize(principal, action, owner, lambda p, u: role_of(s, p, u))
             return True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -3,6 +3,8 @@ in a worker thread (the services are synchronous).
 
     POST /v1/auth/login               public          email + password (JSON or a form) → the
                                                       session cookie and its CSRF token
+    POST /v1/auth/setup               public          first run: the first admin (loopback, no
+                                                      user yet), signed in as for login
     POST /v1/auth/logout              authenticated   ends the session, clears the cookie
     GET  /v1/auth/me                  authenticated   who is asking: a person, a key, or local
     POST /v1/users                    users:manage    create a person (platform admins)
@@ -25,7 +27,8 @@ from litestar.params import FromPath, JSONBody
 
 from controlplane import identity
 from controlplane.access import Principal
-from gateway.auth.service import SESSION_COOKIE
+from controlplane.errors import Forbidden, InvalidInput
+from gateway.auth.service import SESSION_COOKIE, is_loopback
 from gateway.control import schemas as api
 from gateway.control.schemas import ts
 from gateway.control.transaction import in_transaction
@@ -48,10 +51,34 @@ async def login(request: Request) -> Response[api.SignedIn]:
         body = msgspec.convert({k: form.get(k) for k in ("email", "password")}, api.Login)
     else:
         body = msgspec.json.decode(await request.body(), type=api.Login)
+    return await _sign_in(request, body.email, body.password)
+
+
+@post("/v1/auth/setup", status_code=200,
+      summary="First run: create the first platform admin and sign in (loopback, no user yet)",
+      responses=error_responses(400, 403, 409, 413))  # fmt: skip
+async def setup(request: Request, data: JSONBody[api.FirstAdmin]) -> Response[api.SignedIn]:
+    # Only a person at the gateway's own machine may claim a fresh platform: a loopback peer
+    # that no proxy forwarded. JSON only: a page of another site cannot send it without CORS.
+    client = request.client.host if request.client else ""
+    forwarded = "x-forwarded-for" in request.headers or "forwarded" in request.headers
+    if not is_loopback(client) or forwarded:
+        raise Forbidden(
+            f"the first admin can be created only from the gateway's own machine (a loopback "
+            f"address; this request came from {client or 'an unknown address'}"
+            f"{' through a proxy' if forwarded else ''}): run `aimass users create --admin` there"
+        )
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        raise InvalidInput("the first-run request must be JSON (Content-Type: application/json)")
+    await in_transaction(_db(request), identity.create_first_admin, data.email, data.display_name,
+                         data.password)  # fmt: skip
+    request.app.state.open_access = False  # a person exists now: sign-in is needed
+    return await _sign_in(request, data.email, data.password)
+
+
+async def _sign_in(request: Request, email: str, password: str) -> Response[api.SignedIn]:
     ttl = timedelta(seconds=request.app.state.config.session_ttl_s)
-    signed_in, token = await in_transaction(
-        _db(request), identity.login, body.email, body.password, ttl=ttl
-    )
+    signed_in, token = await in_transaction(_db(request), identity.login, email, password, ttl=ttl)
     cookie = Cookie(key=SESSION_COOKIE, value=token, max_age=int(ttl.total_seconds()), path="/", httponly=True,
                     samesite="lax", secure=request.url.scheme == "https")  # fmt: skip
     answer = api.SignedIn(user=user(signed_in.user), csrf_token=signed_in.csrf_token,
@@ -106,4 +133,4 @@ def _db(request: Request):
     return request.app.state.db
 
 
-ROUTES = [login, logout, me, create_user, list_users, disable_user]
+ROUTES = [login, setup, logout, me, create_user, list_users, disable_user]

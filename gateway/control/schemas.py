@@ -63,6 +63,12 @@ class NewUser(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     is_admin: bool = False
 
 
+class FirstAdmin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    email: Email
+    display_name: Name
+    password: Password
+
+
 class UserList(msgspec.Struct, kw_only=True):
     object: Literal["list"] = "list"
     data: list[User]

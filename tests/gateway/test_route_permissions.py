@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from controlplane.access import ACTIONS, PLATFORM_ACTIONS
 from gateway.app import create_app
+from gateway.console import routes as console
 from tests.gateway.conftest import base_config
 
 # what anyone may call: signing in, probes, metrics for the scraper, the API's own description
-PUBLIC = {"/v1/auth/login", "/healthz", "/readyz", "/metrics"}
+PUBLIC = {"/v1/auth/login", "/v1/auth/setup", "/healthz", "/readyz", "/metrics"}
+# the console's shells and assets: they hold no data (each page reads the API with the person's
+# session; a page without one redirects to the sign-in page)
+CONSOLE = {console.PREFIX, f"{console.PREFIX}/login", f"{console.PREFIX}/setup",
+           f"{console.PREFIX}/static/{{file_path:path}}"} | {console.PREFIX + p.path for p in console.PAGES}  # fmt: skip
 
 
 def test_every_route_but_the_public_ones_names_a_known_action(tmp_path, tiny_registry):
@@ -20,7 +25,9 @@ def test_every_route_but_the_public_ones_names_a_known_action(tmp_path, tiny_reg
                 continue
             action = handler.opt.get("action")
             if action is None:
-                assert route.path in PUBLIC, f"{route.path} names no action: open to anyone"
+                assert route.path in PUBLIC | CONSOLE, (
+                    f"{route.path} names no action: open to anyone"
+                )
             else:
                 assert action in ACTIONS | PLATFORM_ACTIONS | {"authenticated"}, route.path
                 named.add(route.path)

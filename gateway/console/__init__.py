@@ -1,0 +1,1 @@
+"""The console: pages served by the gateway at /console (see routes.py)."""
