@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from controlplane import audit
@@ -37,7 +37,7 @@ from controlplane.files import (
     project_thing,
     role_lookup,
 )
-from controlplane.models import Job, JobCheckpoint, JobEvent, ModelOwner, new_id, utcnow
+from controlplane.models import Job, JobCheckpoint, JobEvent, Member, ModelOwner, new_id, utcnow
 from registry.errors import RegistryError
 from registry.names import check_name, parse_ref
 
@@ -273,6 +273,24 @@ def list_jobs(
         query = query.where(beyond(Job, cursor.created_at, cursor.id, "desc"))
     rows = s.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit))
     return [_view(j) for j in rows]
+
+
+def count_active(s: Session, principal: Principal, project_id: str | None = None) -> dict[str, int]:
+    """How many jobs are running and queued, {"running": n, "queued": n}: in `project_id`, else
+    in every project `principal` may read (a platform admin: all; a key: its own; a person:
+    theirs)."""
+    active = ("running", "queued")
+    query = select(Job.status, func.count()).where(Job.status.in_(active))
+    if project_id is None and principal.kind == "key":
+        project_id = principal.project_id
+    if project_id is not None:
+        authorize(principal, "jobs:read", project_id, role_lookup(s))
+        query = query.where(Job.project_id == project_id)
+    elif not principal.is_admin:
+        mine = select(Member.project_id).where(Member.user_id == principal.id)
+        query = query.where(Job.project_id.in_(mine))
+    counts = dict(s.execute(query.group_by(Job.status)).all())
+    return {status: counts.get(status, 0) for status in active}
 
 
 def cancel(s: Session, principal: Principal, job_id: str) -> JobView:

@@ -14,6 +14,8 @@ models on a CPU decode a token in about a millisecond.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
 
@@ -28,6 +30,7 @@ from prometheus_client import (
 from prometheus_client.process_collector import ProcessCollector
 
 from engine.outputs import EngineStats, Timings
+from gateway.metrics.window import LatencyWindow
 
 # seconds; vLLM's TTFT buckets from 1 ms to 80 s, plus long tails for cold queues
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -49,10 +52,20 @@ class GatewayMetrics:
     """Every metric the gateway exports, registered in this instance's own registry.
 
     The metric objects are public (`metrics.requests_total.labels(...).inc()`); the methods
-    below cover the updates that touch several metrics at once.
+    below cover the updates that touch several metrics at once. Besides the Prometheus
+    metrics, two things the console's overview reads: `ttft_window`, the last hour of time to
+    first token per model name (window.py; this replica's requests only), and `loaded_since`.
     """
 
-    def __init__(self, namespace: str = "aimass") -> None:
+    def __init__(
+        self,
+        namespace: str = "aimass",
+        *,
+        now: Callable[[], float] = time.time,  # unix seconds: the TTFT window's minutes, load times
+    ) -> None:
+        self.now = now
+        self.ttft_window = LatencyWindow(TTFT_BUCKETS, now=now)
+        self._loaded_since: dict[tuple[str, str], float] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds of the gateway
         kw = {"namespace": namespace, "registry": self.registry}
@@ -136,6 +149,7 @@ class GatewayMetrics:
         """One finished choice: its engine timings and token counts. For n > 1 choices, pass
         the prompt's tokens with the first choice only (the prompt is processed once)."""
         self.time_to_first_token_seconds.labels(model).observe(timings.ttft_s)
+        self.ttft_window.observe(model_name(model), timings.ttft_s)
         self.e2e_request_latency_seconds.labels(model).observe(timings.e2e_s)
         itl = self.inter_token_latency_seconds.labels(model)
         for gap in timings.itl_s:
@@ -156,10 +170,12 @@ class GatewayMetrics:
         """A model version finished loading in `load_s` seconds."""
         self.model_loaded.labels(model, version).set(1)
         self.model_load_seconds.labels(model).observe(load_s)
+        self._loaded_since[(model, version)] = self.now()
 
     def model_down(self, model: str, version: str) -> None:
         """A model version was unloaded; its engine gauges are dropped, not left stale."""
         self.model_loaded.labels(model, version).set(0)
+        self._loaded_since.pop((model, version), None)
         for gauge in (
             self.queue_depth,
             self.running_requests,
@@ -171,6 +187,16 @@ class GatewayMetrics:
             with suppress(KeyError):  # never observed
                 gauge.remove(model)
 
+    def loaded_since(self, model: str, version: str) -> float | None:
+        """When (unix seconds) this version finished loading; None if it is not loaded here."""
+        return self._loaded_since.get((model, version))
+
     def render(self) -> tuple[bytes, str]:
         """The body and content type of a /metrics response (Prometheus text format 0.0.4)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def model_name(model: str) -> str:
+    """The name part of a request's model (NAME, NAME@ALIAS or NAME:VERSION): the TTFT window
+    is kept per name, the unit whose visibility a project controls."""
+    return model.partition("@")[0].partition(":")[0]
