@@ -14,7 +14,8 @@ key, or the one its `OpenAI-Project` header names (see controlplane.files.projec
     GET    /v1/fine_tuning/jobs/{job_id}               jobs:read
     POST   /v1/fine_tuning/jobs/{job_id}/cancel        jobs:write
     GET    /v1/fine_tuning/jobs/{job_id}/events        jobs:read    after, limit; stream=true: SSE
-    GET    /v1/fine_tuning/jobs/{job_id}/events/stream jobs:read    server-sent events, live
+    GET    /v1/fine_tuning/jobs/{job_id}/events/stream jobs:read    server-sent events, live; those
+                                                                    after `after` or Last-Event-ID
     GET    /v1/fine_tuning/jobs/{job_id}/checkpoints   jobs:read    after, limit
     GET    /v1/fine_tuning/options                     jobs:read    presets, hyperparameter bounds
 """
@@ -44,12 +45,14 @@ Me = NamedDependency[Principal]
 Id = FromPath[str]
 Project = HeaderParameter(name="OpenAI-Project", required=False, max_length=100)
 Range = HeaderParameter(name="Range", required=False, max_length=200)
+LastEventId = HeaderParameter(name="Last-Event-ID", required=False, max_length=100)
 READ_ERRORS = error_responses(400, 401, 403, 404)
 WRITE_ERRORS = error_responses(400, 401, 403, 404, 409)
 JOB = "/v1/fine_tuning/jobs/{job_id:str}"
 OCTETS = "application/octet-stream"
 BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII | re.IGNORECASE)
 STREAM_POLL_S = 0.5  # how often a live stream looks for new events
+STREAM_BATCH = 10_000  # events a stream reads at a time
 
 
 def _db(request: Request):
@@ -218,27 +221,40 @@ async def list_events(
 
 
 @get(JOB + "/events/stream", opt={"action": "jobs:read"}, responses=READ_ERRORS,
-     summary="The job's events as server-sent events, oldest first, until the job ends")  # fmt: skip
-async def stream_events(request: Request, principal: Me, job_id: Id) -> Stream:
-    return await _event_stream(request, principal, job_id)
+     summary="The job's events as server-sent events, oldest first (those after `after`, or the "
+             "Last-Event-ID a reconnecting browser sends), until the job ends")  # fmt: skip
+async def stream_events(
+    request: Request,
+    principal: Me,
+    job_id: Id,
+    after: FromQuery[str | None] = None,
+    last_event_id: str | None = LastEventId,
+) -> Stream:
+    return await _event_stream(request, principal, job_id, _event_seq(last_event_id or after))
 
 
-async def _event_stream(request: Request, principal: Principal, job_id: str) -> Stream:
+async def _event_stream(
+    request: Request, principal: Principal, job_id: str, cursor: int | None = None
+) -> Stream:
     db = _db(request)
     await in_transaction(db, jobs.retrieve, principal, job_id)  # 404 before the stream starts
-    return Stream(_sse(db, principal, job_id), media_type="text/event-stream",
+    return Stream(_sse(db, principal, job_id, cursor), media_type="text/event-stream",
                   headers={"Cache-Control": "no-cache"})  # fmt: skip
 
 
-async def _sse(db, principal: Principal, job_id: str) -> AsyncIterator[bytes]:
-    cursor = None
+async def _sse(db, principal: Principal, job_id: str, cursor: int | None) -> AsyncIterator[bytes]:
+    """Each event with its id (a browser's EventSource resumes from it after a dropped
+    connection), then `[DONE]` once the job has ended."""
     while True:
         finished = await in_transaction(db, jobs.is_finished, job_id)
         found = await in_transaction(db, jobs.list_events, principal, job_id, after=cursor,
-                                     limit=10_000, ascending=True)  # fmt: skip
+                                     limit=STREAM_BATCH, ascending=True)  # fmt: skip
         for event in found:
             cursor = event.seq
-            yield b"data: " + msgspec.json.encode(api.event_object(event)) + b"\n\n"
+            body = api.event_object(event)
+            yield f"id: {body.id}\ndata: ".encode() + msgspec.json.encode(body) + b"\n\n"
+        if len(found) == STREAM_BATCH:
+            continue  # more are waiting: read them before any pause or end
         if finished:  # read before the events: the last ones are in this batch
             yield b"data: [DONE]\n\n"
             return

@@ -22,6 +22,7 @@ import pytest
 from controlplane import jobs, settings
 from controlplane.access import CLI
 from controlplane.db import Database
+from gateway.training import routes as training_routes
 from registry.registry import Registry
 from tests.conftest import DEMO_CORPUS
 from tests.gateway.conftest import (
@@ -286,6 +287,41 @@ def test_a_range_of_a_files_content_reads_only_those_bytes(tmp_path, home):
                 assert r.headers["content-range"] == f"bytes */{size}"
         with http(gw, Authorization=f"Bearer {outsider}") as h:
             assert_openai_error(h.get(content, headers={"Range": "bytes=0-9"}), 404)
+
+
+def test_the_event_stream_resumes_after_an_event_id(tmp_path, home, monkeypatch):
+    monkeypatch.setattr(training_routes, "STREAM_BATCH", 2)  # a finished job's events, in batches
+    with running(base_config(tmp_path, tmp_path / "registry")) as gw:
+        client = openai_client(gw)
+        data = corpus(tmp_path / "c.jsonl", 2_000).read_bytes()
+        uploaded = client.files.create(file=("c.jsonl", data), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id)
+        with gw.state.db.session() as s:
+            for step in (1, 2, 3, 4):
+                jobs.add_event(s, job.id, f"line {step}")
+        client.fine_tuning.jobs.cancel(job.id)  # its last event; the job has ended
+        stream = f"/v1/fine_tuning/jobs/{job.id}/events/stream"
+
+        def read(**kw) -> tuple[list[str], list[str]]:
+            with http(gw) as h, h.stream("GET", stream, **kw) as r:
+                assert r.status_code == 200, r.read()
+                lines = list(r.iter_lines())
+            ids = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")]
+            data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+            return ids, data
+
+        ids, data = read()
+        assert data[-1] == "[DONE]" and len(ids) == len(data) - 1 == 5  # all of them, then done
+        assert ids == [json.loads(d)["id"] for d in data[:-1]]
+        assert [json.loads(d)["message"] for d in data[1:3]] == ["line 2", "line 3"]
+        later = ["line 3", "line 4", "the job was cancelled before it started"]
+        for kw in ({"params": {"after": ids[1]}}, {"headers": {"Last-Event-ID": ids[1]}}):
+            resumed_ids, resumed = read(**kw)
+            assert resumed_ids == ids[2:], kw
+            assert [json.loads(d)["message"] for d in resumed[:-1]] == later, kw
+        with http(gw) as h:
+            r = h.get(stream, params={"after": "event-1"})
+        assert_openai_error(r, 400, param="after")
 
 
 @pytest.mark.slow
