@@ -20,6 +20,7 @@ that has a row, so a subclass answers as its base unless it has a row of its own
     controlplane NotFound                   404     invalid_request_error  not_found                 its own
     controlplane Conflict                   409     invalid_request_error  conflict                  its own
     controlplane TooLarge                   413     invalid_request_error  too_large                 its own
+    registry GateFailed (promotion refused) 422     invalid_request_error  gate_failed               version
     controlplane QuotaExceeded              429     rate_limit_error       quota_exceeded            -  (+Retry-After)
     ModelNotFound                           404     invalid_request_error  model_not_found           model
     litestar NotFoundException (route)      404     invalid_request_error  not_found                 -
@@ -87,6 +88,7 @@ from gateway.openai.errors import (
     param_from_validation_error,
 )
 from gateway.openai.schemas import ErrorBody, ErrorResponse
+from registry.errors import GateFailed
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,8 @@ ERRORS: dict[type[BaseException], ErrorRow] = {
     NotFound: ErrorRow(404, INVALID, "not_found", _PARAM),
     Conflict: ErrorRow(409, INVALID, "conflict", _PARAM),
     TooLarge: ErrorRow(413, INVALID, "too_large", _PARAM),
+    # the version's reports do not meet the alias's gates: the message names each failed gate
+    GateFailed: ErrorRow(422, INVALID, "gate_failed", "version"),
     NotFoundException: ErrorRow(404, INVALID, "not_found", message=_DETAIL),
     MethodNotAllowedException: ErrorRow(
         405, INVALID, "method_not_allowed", message=_DETAIL, headers=_http_headers

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.clock import Clock
@@ -88,6 +89,14 @@ class Router:
     def versions(self, name: str) -> set[int]:
         """Every version of `name` that some cached route names."""
         return {v for c in self._cache.values() if c.name == name for v, _ in c.routes}
+
+    def expire(self, name: str) -> None:
+        """Read `name`'s routes again at their next request: an alias of it moved through this
+        process, so here the move takes effect at once (other replicas see it within ttl_s).
+        The entries stay, expired, so the refresh still tells `on_move` what changed."""
+        for key, cached in self._cache.items():
+            if cached.name == name:
+                self._cache[key] = replace(cached, at=-math.inf)
 
     async def _routes(self, ref: Ref) -> Routes:
         key = str(ref)

@@ -104,6 +104,10 @@ class ModelManager:
         """Whether `model`, as a request spelled it, resolved here (so it may label metrics)."""
         return self._router.routed(model)
 
+    def alias_moved(self, name: str) -> None:
+        """An alias of `name` moved through this process: route its next request afresh."""
+        self._router.expire(name)
+
     def ready(self) -> bool:
         """Nothing is loading; every loaded deployment is usable (checked by health())."""
         return not self._deployments.loading

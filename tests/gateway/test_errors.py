@@ -48,6 +48,7 @@ from gateway.openai.chat_template import (
 )
 from gateway.openai.errors import ClientDisconnected, InvalidParameter, OutputFailed
 from gateway.openai.schemas import ErrorResponse
+from registry.errors import GateFailed
 
 ROOT = Path(__file__).resolve().parents[2]
 INVALID, SERVER = "invalid_request_error", "server_error"
@@ -92,6 +93,7 @@ ROWS = [
     (NotFound("no project", "project_id"), 404, INVALID, "not_found", "project_id", {}),
     (Conflict("exists", "email"), 409, INVALID, "conflict", "email", {}),
     (TooLarge("over 1 MB", "file"), 413, INVALID, "too_large", "file", {}),
+    (GateFailed("refused by gate parity"), 422, INVALID, "gate_failed", "version", {}),
     (
         QuotaExceeded("tokens_per_day used up", "tokens_per_day", datetime(2020, 1, 1, tzinfo=UTC)),
         429, "rate_limit_error", "quota_exceeded", None, {"Retry-After": "1"},

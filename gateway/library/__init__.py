@@ -1,0 +1,1 @@
+"""The Model Library: the registry over HTTP (models, versions, aliases, gates, events)."""
