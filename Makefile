@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_RUN    ?= runs/demo
 DEMO_CORPUS ?= data/demo/python-docstrings.txt
 
-.PHONY: run demo test test-all bench lint venv clean
+.PHONY: run demo test test-all bench lint venv clean browser screenshots
 
 venv: $(STAMP)
 
@@ -53,11 +53,30 @@ demo: venv
 	fi
 	$(BIN)/aimass generate $(DEMO_RUN) --prompt "Return the" --max-tokens 60 --temperature 0.7 --top-p 0.9 --seed 0
 
-test: venv
+# The console's browser tests drive Debian's chromium (never a downloaded browser). Installed
+# here where the machine allows (root with apt-get); elsewhere those tests skip and say why.
+CHROMIUM ?= chromium
+
+browser:
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the console's browser tests"; \
+			(apt-get install -y -qq $(CHROMIUM) >/dev/null 2>&1 || \
+			 (apt-get update -qq && apt-get install -y -qq $(CHROMIUM) >/dev/null)) || \
+			echo "could not install chromium: the browser tests will skip"; \
+		else \
+			echo "chromium is not installed (apt-get install chromium, as root): the browser tests will skip"; \
+		fi; }
+
+test: venv browser
 	$(BIN)/pytest -q
 
+# the console's screenshots (every page, 1280 and 390 px wide) into docs/console/
+screenshots: venv browser
+	AIMASS_SCREENSHOTS=docs/console $(BIN)/pytest -q tests/console/test_console_e2e.py -m "slow or not slow"
+
 # everything, including the slow and integration tests (GPU tests skip without a GPU)
-test-all: venv
+test-all: venv browser
 	$(BIN)/pytest -q -m "slow or integration or gpu or not (slow or integration or gpu)"
 
 bench: venv
