@@ -69,6 +69,9 @@ class Page:
 # its shell lives.
 PAGES = [
     Page("overview", "/overview", "Overview"),
+    Page("projects", "/projects", "Projects"),
+    Page("members", "/members", "Members & keys"),
+    Page("settings", "/settings", "Settings", admin_only=True),
 ]
 
 
