@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 
+import openai
 import pytest
 from argon2 import PasswordHasher
 
@@ -24,6 +25,7 @@ from tests.gateway.conftest import (
     running,
     wait_for,
 )
+from tests.gateway.fakes import FakeCatalog, FakeLoader
 
 PASSWORD = "correct horse battery"
 SCOPES = ["inference", "admin", "train"]
@@ -81,6 +83,29 @@ def test_the_overview_shows_the_hour_the_model_and_ttft(config):
     assert body["jobs"] == {"running": 0, "queued": 0}
 
 
+def test_errors_make_the_error_rate_and_a_dead_engine_shows(config):
+    _, key = make_key(config.database, "alpha", SCOPES)
+    loader = FakeLoader()
+    with running(config, catalog=FakeCatalog({"tiny": 1}, production=1), loader=loader) as gw:
+        client = openai_client(gw, key)
+        client.completions.create(model="tiny", prompt="The cat", max_tokens=4)
+        loader.engines["tiny:1"].fail_next("the output broke")
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model="tiny", prompt="The cat", max_tokens=4)
+        with http(gw, authorization=f"Bearer {key}") as h:
+
+            def counted():
+                body = h.get("/v1/overview").json()
+                return body if sum(m["requests"] for m in body["minutes"]) == 2 else None
+
+            body = wait_for(counted, timeout=10)
+            assert sum(m["errors"] for m in body["minutes"]) == 1
+            assert body["error_rate"] == 0.5
+            loader.engines["tiny:1"].kill("the runtime crashed")
+            [model] = h.get("/v1/overview").json()["models"]
+    assert (model["health"], model["detail"]) == ("dead", "the runtime crashed")
+
+
 def test_a_key_sees_its_project_only(config):
     _, key_a = make_key(config.database, "alpha", SCOPES)
     _, key_b = make_key(config.database, "beta", SCOPES)
@@ -93,6 +118,28 @@ def test_a_key_sees_its_project_only(config):
             assert_openai_error(a.get("/v1/overview", params={"project_id": beta}), 404)
         with http(gw, authorization=f"Bearer {key_b}") as b:
             assert _overview_when(b, want_b, project_id=beta)["project_id"] == beta
+
+
+def test_another_projects_model_is_left_out_of_models_and_ttft(config):
+    _, key_a = make_key(config.database, "alpha", SCOPES)
+    _, key_b = make_key(config.database, "beta", SCOPES)
+    db = Database.open(config.database)
+    with db.session() as s:
+        identity.own_model(s, CLI, project_by_name(s, "beta").id, "secret")
+    db.close()
+    catalog = FakeCatalog({"tiny": 1, "secret": 1}, production=1)
+    with running(config, catalog=catalog, loader=FakeLoader()) as gw:
+        openai_client(gw, key_a).completions.create(model="tiny", prompt="a", max_tokens=2)
+        for _ in range(2):
+            openai_client(gw, key_b).completions.create(model="secret", prompt="b", max_tokens=2)
+        with http(gw, authorization=f"Bearer {key_a}") as a:
+            seen_a = a.get("/v1/overview").json()
+        with http(gw, authorization=f"Bearer {key_b}") as b:
+            seen_b = b.get("/v1/overview").json()
+    assert [m["name"] for m in seen_a["models"]] == ["tiny"]
+    assert seen_a["time_to_first_token"]["requests"] == 1
+    assert [m["name"] for m in seen_b["models"]] == ["secret", "tiny"]
+    assert seen_b["time_to_first_token"]["requests"] == 3
 
 
 def test_people_see_their_projects_and_admins_the_platform(config, monkeypatch):
