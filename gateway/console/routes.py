@@ -69,6 +69,8 @@ class Page:
 # its shell lives.
 PAGES = [
     Page("overview", "/overview", "Overview"),
+    Page("models", "/models", "Models"),
+    Page("model", "/models/{model_name:str}", "Model", nav=False),
     Page("projects", "/projects", "Projects"),
     Page("members", "/members", "Members & keys"),
     Page("settings", "/settings", "Settings", admin_only=True),
