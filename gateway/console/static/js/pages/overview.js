@@ -34,7 +34,7 @@ function render(o) {
   const ttft = o.time_to_first_token;
   replace($("#ov-ttft-p50"), fmtDuration(ttft.p50_s));
   replace($("#ov-ttft-p95"), fmtDuration(ttft.p95_s));
-  replace($("#ov-ttft-n"), `${fmtNumber(ttft.requests)} generations`);
+  replace($("#ov-ttft-n"), `over ${fmtNumber(ttft.requests)} ${ttft.requests === 1 ? "generation" : "generations"}`);
   replace($("#ov-error-rate"), o.error_rate === null ? "—" : `${fmtNumber(o.error_rate * 100, 2)} %`);
   replace($("#ov-jobs"), `${fmtNumber(o.jobs.running)} · ${fmtNumber(o.jobs.queued)}`);
   requestsChart.update([{ name: "requests", points: o.minutes.map((m) => [m.start_time, m.requests]) },
