@@ -226,6 +226,18 @@ def test_gateway_remote_lists_every_engine_server_the_scaler_may_start(overlay):
 
 
 @needs_kubectl
+def test_autoscaled_workloads_leave_the_count_to_their_scaler(overlay):
+    """A `replicas` in the manifest would reset the scaler's count on every apply."""
+    name, docs = overlay
+    scalers = [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
+    assert len(scalers) == 2
+    for scaler in scalers:
+        ref = scaler["spec"]["scaleTargetRef"]
+        target = _by_kind(docs, ref["kind"], ref["name"])
+        assert "replicas" not in target["spec"], f"{name}: {ref['kind']}/{ref['name']}"
+
+
+@needs_kubectl
 def test_images_are_mapped_and_pods_run_as_non_root(overlay):
     name, docs = overlay
     for d, pod in _pod_specs(docs):
