@@ -34,7 +34,7 @@ onSubmit(form, async (data) => {
   progressText.textContent = `Sending ${file.name} (${fmtBytes(file.size)})…`;
   try {
     const stored = await upload("/v1/files", body, (fraction) => {
-      progress.value = Math.round(fraction * 100);
+      progress.value = fraction;
       progressText.textContent = fraction < 1
         ? `${Math.round(fraction * 100)}% of ${fmtBytes(file.size)} sent`
         : "Sent. The server checked every line.";

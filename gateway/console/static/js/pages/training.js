@@ -3,14 +3,13 @@
 // project's jobs.
 import { api, onProjectChange } from "../api.js";
 import { $, fmtBytes, fmtTime, h, onSubmit, pager, replace, setOptions, showError, table } from "../dom.js";
-import { canWrite, jobHref, modelHref, statusBadge, whenProject } from "./training-common.js";
+import { canWrite, jobHref, statusBadge, whenProject } from "./training-common.js";
 
 const PAGE = 20; // jobs per page
 const FILES_OFFERED = 100; // the newest files are offered in the selects
 
 const form = $("#job-form");
 const modelSelect = $("#job-model");
-const created = $("#job-created");
 let options = null; // GET /v1/fine_tuning/options
 let jobs = null;
 
@@ -83,7 +82,6 @@ async function loadFiles() {
 modelSelect.addEventListener("change", showDefaults);
 
 onSubmit(form, async (data) => {
-  created.hidden = true;
   const body = { model: data.get("model"), training_file: data.get("training_file") };
   if (!body.training_file) throw new Error("Choose a training file (upload one on the Datasets page).");
   if (data.get("validation_file")) body.validation_file = data.get("validation_file");
@@ -97,9 +95,7 @@ onSubmit(form, async (data) => {
   }
   if (Object.keys(hyperparameters).length) body.hyperparameters = hyperparameters;
   const job = await api("POST", "/v1/fine_tuning/jobs", { json: body });
-  replace(created, "Job ", h("a", { href: jobHref(job.id), "data-testid": "created-job-link" }, job.id), ` is ${job.status}.`);
-  created.hidden = false;
-  jobs.reload();
+  location.assign(jobHref(job.id)); // its page follows it live
 });
 
 // ── the list ──
@@ -109,7 +105,8 @@ const COLUMNS = [
   { title: "Status", cell: (j) => statusBadge(j.status) },
   { title: "Model", cell: (j) => j.model },
   { title: "Created", cell: (j) => fmtTime(j.created_at) },
-  { title: "Fine-tuned model", cell: (j) => (j.fine_tuned_model ? h("a", { href: modelHref(j.fine_tuned_model) }, j.fine_tuned_model) : "—") },
+  // the job's page says how the model was made and links it to the Model Library
+  { title: "Fine-tuned model", cell: (j) => (j.fine_tuned_model ? h("a", { href: jobHref(j.id) }, j.fine_tuned_model) : "—") },
 ];
 
 function listJobs() {
@@ -133,7 +130,6 @@ async function load() {
   const writable = await canWrite();
   $("#create-job-card").hidden = !writable;
   $("#create-readonly").hidden = writable;
-  created.hidden = true;
   listJobs();
   if (!writable) return;
   try {
