@@ -17,7 +17,7 @@ from controlplane.access import CLI
 from controlplane.db import Database
 from registry.registry import Registry
 from tests.conftest import DEMO_CORPUS
-from tests.gateway.conftest import base_config, running
+from tests.gateway.conftest import base_config, make_key, openai_client, running
 from worker.worker import Worker, WorkerConfig
 
 sync_api = pytest.importorskip(
@@ -209,4 +209,19 @@ def test_cancel_and_what_a_viewer_sees(chromium, gw, root):
     expect(root.get_by_test_id("cancel-job")).to_be_hidden()
     expect(root.get_by_test_id("job-log")).to_contain_text("cancelled before it started")
     expect(root.get_by_test_id("log-state")).to_have_text("The job was cancelled.")
+    assert root.problems == []
+
+
+def test_files_and_jobs_come_in_pages_of_20(gw, root):
+    _, key = make_key(gw.config.database, "alpha", ["train"], role="developer")
+    client = openai_client(gw, key)
+    ids = [client.files.create(file=(f"f{i:02}.jsonl", b'{"text": "hi"}\n'), purpose="fine-tune").id
+           for i in range(21)]  # fmt: skip
+    for _ in range(21):  # no worker runs here: they stay queued
+        client.fine_tuning.jobs.create(model="tiny", training_file=ids[0])
+    for page, row in (("datasets", "file-row"), ("training", "job-row")):
+        root.goto(f"{gw.url}/console/{page}")
+        expect(root.get_by_test_id(row)).to_have_count(20)
+        root.get_by_test_id("load-more").click()
+        expect(root.get_by_test_id(row)).to_have_count(21)
     assert root.problems == []
