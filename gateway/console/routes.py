@@ -74,6 +74,8 @@ PAGES = [
     Page("datasets", "/datasets", "Datasets"),
     Page("training", "/training", "Training"),
     Page("job", "/training/{job_id:str}", "Training job", nav=False),
+    Page("playground", "/playground", "Playground"),
+    Page("usage", "/usage", "Usage"),
     Page("projects", "/projects", "Projects"),
     Page("members", "/members", "Members & keys"),
     Page("settings", "/settings", "Settings", admin_only=True),
