@@ -91,6 +91,19 @@ def test_a_streamed_chat_continues_and_its_code_runs(gw, page):
     assert page.problems == []
 
 
+def test_a_version_named_in_the_url_is_the_one_asked(gw, page):
+    chats: list[dict] = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions")
+            and chats.append(json.loads(r.post_data)))  # fmt: skip
+    page.goto(f"{gw.url}/console/playground?model=tiny:1")  # not among /v1/models
+    expect(page.get_by_test_id("pg-model")).to_have_value("tiny:1")
+    page.get_by_test_id("pg-max-tokens").fill("3")
+    _ask(page, "The cat")
+    assert page.get_by_test_id("pg-output").inner_text().strip()
+    assert [c["model"] for c in chats] == ["tiny:1"]
+    assert page.problems == []
+
+
 def test_out_of_bounds_settings_are_named_before_sending(gw, page):
     page.goto(f"{gw.url}/console/playground")
     expect(page.get_by_test_id("pg-model")).to_have_value("tiny")

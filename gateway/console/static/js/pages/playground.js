@@ -3,7 +3,7 @@
 // and as openai-python. The conversation lives in this page only (history is resent each turn,
 // as the API is stateless).
 import { api, ApiError, currentProject, me, onProjectChange, streamSSE } from "../api.js";
-import { $, clear, copyButton, fmtNumber, h, notify, replace, showError } from "../dom.js";
+import { $, clear, copyButton, fmtNumber, h, replace, showError } from "../dom.js";
 
 const el = {
   settings: $("#pg-settings"),
@@ -277,13 +277,15 @@ async function loadModels() {
     return;
   }
   models.sort((a, b) => a.id.localeCompare(b.id));
-  replace(el.model,
-    models.length ? null : h("option", { value: "" }, "No model is served to you"),
-    models.map((m) => h("option", { value: m.id }, m.id)));
   const ids = models.map((m) => m.id);
-  if (keep && ids.includes(keep)) el.model.value = keep;
-  else if (wanted && ids.includes(wanted)) el.model.value = wanted;
-  else if (wanted && !keep) notify(`The model ${wanted} is not among those you can use here.`, "error");
+  // ?model= may name a version or an alias ("name:3", "name@staging") that /v1/models does not
+  // list: it is offered as given, and the API says whether it serves it
+  const extra = wanted && !ids.includes(wanted) ? [wanted] : [];
+  replace(el.model,
+    ids.length || extra.length ? null : h("option", { value: "" }, "No model is served to you"),
+    [...extra, ...ids].map((id) => h("option", { value: id }, id)));
+  if (keep && [...extra, ...ids].includes(keep)) el.model.value = keep;
+  else if (wanted) el.model.value = wanted;
   modelChanged();
 }
 
