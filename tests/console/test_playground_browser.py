@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -189,6 +190,11 @@ def test_a_person_chats_in_a_project_and_sees_its_usage(gw, page):
     cells = rows.nth(0).locator("td")
     assert [cells.nth(i).inner_text() for i in (0, 1, 2)] == ["tiny", "People (signed in)", "2"]
 
+    page.get_by_test_id("usage-series").select_option("key")  # a line per key
+    legend = page.locator("[data-testid=usage-chart-requests] .chart-legend li")
+    expect(legend).to_have_text(["People (signed in)"])
+    page.get_by_test_id("usage-model").select_option("tiny")
+    expect(page.get_by_test_id("usage-csv")).to_have_attribute("href", re.compile("model=tiny"))
     href = page.get_by_test_id("usage-csv").get_attribute("href")
     assert "format=csv" in href and "group_by=minute" in href and "project_id=proj" in href
     csv = page.request.get(gw.url + href)
