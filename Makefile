@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_RUN    ?= runs/demo
 DEMO_CORPUS ?= data/demo/python-docstrings.txt
 
-.PHONY: run demo test test-all bench lint venv clean browser screenshots
+.PHONY: run demo test test-all bench lint venv clean browser screenshots default-model loadtest
 
 venv: $(STAMP)
 
@@ -32,7 +32,7 @@ DEFAULT_MODEL ?= smollm2-135m-instruct
 DEFAULT_PKG   := $(AIMASS_HOME)/packages/$(DEFAULT_MODEL)-int4
 SERVE_FLAGS   ?= --slots 16
 
-run: venv
+default-model: venv
 	@export AIMASS_HOME=$(AIMASS_HOME); \
 	if ! $(BIN)/aimass registry show $(DEFAULT_MODEL)@production >/dev/null 2>&1; then \
 		if [ ! -e $(DEFAULT_PKG)/manifest.json ]; then \
@@ -42,8 +42,31 @@ run: venv
 		fi; \
 		version=$$($(BIN)/aimass registry push --name $(DEFAULT_MODEL) $(DEFAULT_PKG)) || exit 1; \
 		$(BIN)/aimass registry alias $(DEFAULT_MODEL) production $$version || exit 1; \
-	fi; \
-	exec $(BIN)/aimass serve $(SERVE_FLAGS)
+	fi
+
+run: default-model
+	@AIMASS_HOME=$(AIMASS_HOME) exec $(BIN)/aimass serve $(SERVE_FLAGS)
+
+# A load test of the default model (docs/operations.md, "Load tests"): a gateway on loopback
+# port LOADTEST_PORT over the registry `make run` serves, with a database of its own made anew
+# (so open access on loopback, and no job workers), warmed up, then the standard profile judged
+# by loadtests/slo/default.json. Report in LOADTEST_OUT (report.html, report.json); fails when
+# the SLO is violated. Bounded: LOADTEST_FLAGS' duration, then the requests in flight.
+LOADTEST_OUT   ?= runs/loadtest
+LOADTEST_PORT  ?= 8100
+LOADTEST_FLAGS ?= --scenario standard --rate 1 --duration 60
+
+loadtest: default-model
+	@export AIMASS_HOME=$(AIMASS_HOME); mkdir -p $(LOADTEST_OUT); \
+	rm -f $(LOADTEST_OUT)/aimass.db; \
+	$(BIN)/aimass serve --port $(LOADTEST_PORT) --workers 0 \
+		--database sqlite:///$(abspath $(LOADTEST_OUT))/aimass.db \
+		--keys-db $(LOADTEST_OUT)/no-legacy-keys.db $(SERVE_FLAGS) \
+		>$(LOADTEST_OUT)/gateway.log 2>&1 & gateway=$$!; \
+	trap 'kill $$gateway 2>/dev/null; wait $$gateway 2>/dev/null' EXIT; \
+	$(BIN)/aimass loadtest run --host http://127.0.0.1:$(LOADTEST_PORT) --model $(DEFAULT_MODEL) \
+		--wait 120 --out $(LOADTEST_OUT) $(LOADTEST_FLAGS) || { status=$$?; \
+		[ $$status -lt 2 ] || tail -n 5 $(LOADTEST_OUT)/gateway.log; exit $$status; }
 
 # The training demo: a tiny model trained on the bundled corpus (once), then a sample from it.
 demo: venv

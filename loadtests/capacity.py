@@ -38,7 +38,7 @@ def rates(start: float, factor: float, max_rate: float, max_steps: int) -> list[
 
 
 def search(base: Workload, host: str, slo: thresholds.SLO, out: Path, steps: list[float],
-           users_per_rps: float = 10.0, allowed: tuple[str, ...] = (), warmup: int = 1,
+           users_per_rps: float = 60.0, allowed: tuple[str, ...] = (), warmup: int = 1,
            wait_s: float = 0.0) -> dict:  # fmt: skip
     """Runs each rate in `steps` until one breaks the SLO; writes capacity.json under `out`
     (each step's report in its own folder) and returns it."""

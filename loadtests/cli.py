@@ -19,6 +19,10 @@ from pathlib import Path
 from loadtests import capacity, runner, thresholds
 from loadtests.workload import SCENARIOS, Workload, peak_rate
 
+# users per req/s offered, by default: a request may take this many seconds (a long output on a
+# CPU) before its user falls behind its schedule and the rate offered drops
+USERS_PER_RPS = 60.0
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("loadtest", help="load tests with SLO thresholds; capacity search")
@@ -37,7 +41,7 @@ def add_commands(p: argparse.ArgumentParser) -> None:
     c.add_argument("--factor", type=float, default=1.5, help="each step's rate over the last")
     c.add_argument("--max-rate", type=float, default=64.0, help="stop after this rate")
     c.add_argument("--max-steps", type=int, default=10)
-    c.add_argument("--users-per-rps", type=float, default=10.0,
+    c.add_argument("--users-per-rps", type=float, default=USERS_PER_RPS,
                    help="users per req/s offered: the worst latency, in seconds, the rate allows")  # fmt: skip
     c.set_defaults(func=_capacity)
 
@@ -50,7 +54,9 @@ def _common(c: argparse.ArgumentParser) -> None:
     c.add_argument("--scenario", choices=SCENARIOS, default=d.scenario)
     c.add_argument("--model", action="append", dest="models", metavar="NAME",
                    help=f"model name (repeatable; default {d.models[0]})")  # fmt: skip
-    c.add_argument("--users", type=int, help="simulated users (default: 10 per req/s at the peak)")
+    c.add_argument(
+        "--users", type=int, help="simulated users (default: 60 per req/s at the peak, at least 4)"
+    )
     c.add_argument("--duration", type=float, default=d.duration_s, metavar="S",
                    help="seconds of sending, per run (default 60)")  # fmt: skip
     c.add_argument("--max-requests", type=int, default=d.max_requests, metavar="N")
@@ -81,7 +87,7 @@ def workload(args: argparse.Namespace, rate: float) -> Workload:
         request_timeout_s=args.request_timeout,
         seed=args.seed,
     )
-    w.users = args.users or min(1000, max(4, math.ceil(peak_rate(w) * 10)))
+    w.users = args.users or min(1000, max(4, math.ceil(peak_rate(w) * USERS_PER_RPS)))
     w.validate()
     return w
 
