@@ -9,10 +9,11 @@ library for gevent when imported: it never runs inside the gateway or pytest) an
 per request, read back for the report). An API key, when the gateway wants one, comes from
 $AIMASS_API_KEY.
 
-Each request reports to locust's own statistics as three custom request types, named by the
-request kind: "TTFT" (once), "ITL" (once per gap between content chunks) and "E2E" (once, with
-the output tokens as its response length, and the failure when it failed), so locust's tables,
-CSV files and web UI show their percentiles too.
+Each request reports to locust's own statistics as custom request types, named by the request
+kind: "TTFT" (once), "ITL" (once per gap between content chunks), "TPS" (its decode tokens/s,
+a rate in the response-time column) and "E2E" (once, with the output tokens as its response
+length, and the failure when it failed: locust's failure ratio is the error rate), so locust's
+tables, CSV files and web UI show their percentiles too.
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ class StreamingChatUser(User):
                  exception=None, context={})  # fmt: skip
         for gap in s.itl_ms:
             fire(request_type="ITL", name=s.kind, response_time=gap, response_length=0,
+                 exception=None, context={})  # fmt: skip
+        if (tps := s.decode_tokens_per_s) is not None:
+            # tokens/s in locust's response-time column: its percentiles hold the decode speed
+            fire(request_type="TPS", name=s.kind, response_time=tps, response_length=0,
                  exception=None, context={})  # fmt: skip
         fire(request_type="E2E", name=s.kind, response_time=s.e2e_ms or 0.0,
              response_length=s.completion_tokens,

@@ -44,3 +44,4 @@ def test_locust_f_runs_the_scenarios_and_stops_at_the_request_budget(gateway_url
     assert stats["TTFT", "short_chat"]["num_requests"] == len(by_model["tiny"])
     itl_gaps = sum(len(s["itl_ms"]) for s in by_model["tiny"])
     assert stats["ITL", "short_chat"]["num_requests"] == itl_gaps > 0
+    assert stats["TPS", "short_chat"]["num_requests"] == len(by_model["tiny"])
