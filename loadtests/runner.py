@@ -1,8 +1,8 @@
 """One headless load test: locust in a child process, then the report and the SLO verdict.
 
 Locust patches the standard library for gevent when it is imported, so it never runs in this
-process: `run` starts `python -m locust -f loadtests/scenarios.py --headless ...`, which writes
-one JSON line per request, and computes everything from those lines. Every run is bounded: in
+process: `run` starts `python -m loadtests.generate` (locust as a library over the locustfile's
+user class), which writes one JSON line per request, and computes everything from those lines. Every run is bounded: in
 time (the workload's duration, then at most request_timeout_s for the requests in flight) and in
 count (max_requests), and it loads only a loopback address unless the host is named as allowed.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from loadtests import metrics, report, thresholds
 from loadtests.metrics import DEFINITIONS_BY_FIELD
 from loadtests.workload import Workload, expected_requests
 
-LOCUSTFILE = Path(__file__).resolve().parent / "scenarios.py"
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding loadtests/
 START_S = 60.0  # locust's own start, on a busy machine
 
 
@@ -93,16 +92,9 @@ def warm_up(w: Workload, host: str, requests: int = 1, wait_s: float = 0.0) -> N
                     raise RunFailed(f"warm-up request to {model} at {host} failed: {e}") from None
 
 
-def locust_command(w: Workload, host: str, out: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--users", str(w.users), "--spawn-rate", str(w.users),
-        "--run-time", f"{math.ceil(w.duration_s)}s", "--stop-timeout", f"{math.ceil(w.request_timeout_s)}",
-        "--host", host, "--csv", str(out / "locust"), "--json-file", str(out / "locust_stats"),
-        "--only-summary", "--exit-code-on-error", "0",
-        "--loglevel", "WARNING", "--workload", str(out / "workload.json"),
-        "--samples", str(out / "samples.jsonl"),
-    ]  # fmt: skip
+def generator_command(host: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "loadtests.generate", "--workload", str(out / "workload.json"),
+            "--host", host, "--out", str(out)]  # fmt: skip
 
 
 def generate(w: Workload, host: str, out: Path) -> list[metrics.Sample]:
@@ -114,14 +106,14 @@ def generate(w: Workload, host: str, out: Path) -> list[metrics.Sample]:
     (out / "workload.json").write_bytes(msgspec.json.format(msgspec.json.encode(w)))
     samples = out / "samples.jsonl"
     samples.unlink(missing_ok=True)
-    root = str(LOCUSTFILE.parent.parent)  # `import loadtests` in the child, installed or not
+    root = str(ROOT)  # `import loadtests` in the child, installed or not
     env = os.environ | {
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     }
     limit = START_S + w.duration_s + w.request_timeout_s + 10
     with open(out / "locust.log", "wb") as log:
         try:
-            done = subprocess.run(locust_command(w, host, out), stdout=log, stderr=subprocess.STDOUT,
+            done = subprocess.run(generator_command(host, out), stdout=log, stderr=subprocess.STDOUT,
                                   env=env, timeout=limit, check=False)  # fmt: skip
         except subprocess.TimeoutExpired:
             raise RunFailed(

@@ -3,11 +3,11 @@
     locust -f loadtests/scenarios.py --headless -u 16 -r 16 -t 60s --host http://127.0.0.1:8000 \
         --scenario standard --models smollm2-135m-instruct --rate 2
 
-`python -m loadtests run` starts it this way in a child process (locust patches the standard
-library for gevent when imported: it never runs inside the gateway or pytest) and adds
-`--workload FILE` (a loadtests.workload.Workload as JSON) and `--samples FILE` (one JSON line
-per request, read back for the report). An API key, when the gateway wants one, comes from
-$AIMASS_API_KEY.
+with `--workload FILE` (a loadtests.workload.Workload as JSON, which the options override) and
+`--samples FILE` (one JSON line per request). `python -m loadtests run` runs the same user class
+with locust as a library in a child process (loadtests/generate.py): locust patches the standard
+library for gevent when imported, so it never runs inside the gateway or pytest. An API key,
+when the gateway wants one, comes from $AIMASS_API_KEY.
 
 Each request reports to locust's own statistics as custom request types, named by the request
 kind: "TTFT" (once), "ITL" (once per gap between content chunks), "TPS" (its decode tokens/s,
@@ -46,7 +46,21 @@ class Run:
     """The state the users of this process share: the workload, the request budget, the
     samples file."""
 
-    def __init__(self, environment):
+    def __init__(self, environment, workload: Workload, samples: str = ""):
+        workload.validate()
+        self.workload, self.environment = workload, environment
+        self.start = time.monotonic()
+        self.sent = 0
+        self.in_flight = 0
+        self.samples = open(samples, "ab") if samples else None  # noqa: SIM115
+        self.encoder = msgspec.json.Encoder()
+        self.headers = {"Accept": "text/event-stream"}
+        if key := os.environ.get("AIMASS_API_KEY"):
+            self.headers["Authorization"] = f"Bearer {key}"
+
+    @classmethod
+    def from_options(cls, environment) -> Run:
+        """`locust -f`: the --workload file (or the defaults), then the options over it."""
         opts = environment.parsed_options
         w = Workload()
         if opts.workload:
@@ -60,17 +74,7 @@ class Run:
             "users": opts.num_users or w.users,
             "duration_s": float(opts.run_time or w.duration_s),
         }
-        self.workload = msgspec.structs.replace(w, **overrides)
-        self.workload.validate()
-        self.environment = environment
-        self.start = time.monotonic()
-        self.sent = 0
-        self.in_flight = 0
-        self.samples = open(opts.samples, "ab") if opts.samples else None  # noqa: SIM115
-        self.encoder = msgspec.json.Encoder()
-        self.headers = {"Accept": "text/event-stream"}
-        if key := os.environ.get("AIMASS_API_KEY"):
-            self.headers["Authorization"] = f"Bearer {key}"
+        return cls(environment, msgspec.structs.replace(w, **overrides), opts.samples)
 
     def take(self) -> bool:
         """One more request, if the budget allows it."""
@@ -96,8 +100,8 @@ RUN: Run | None = None
 @events.init.add_listener
 def _init(environment, **_kw) -> None:
     global RUN
-    if environment.parsed_options is not None:
-        RUN = Run(environment)
+    if environment.parsed_options is not None:  # `locust -f`; loadtests.generate sets its own
+        RUN = Run.from_options(environment)
 
 
 @events.test_start.add_listener
