@@ -151,9 +151,10 @@ def run_training(
 
 
 @torch.no_grad()
-def evaluate(run_dir: Path, validation: Path, work: Path) -> dict[str, Any]:
+def evaluate(run_dir: Path, validation: Path, work: Path, dataset: str) -> dict[str, Any]:
     """Mean loss and perplexity of the trained model on the validation file (tokenized with the
-    run's tokenizer into blocks of the run's block size)."""
+    run's tokenizer into blocks of the run's block size). `dataset` names the file by content:
+    the promotion gate compares two versions' perplexities only when they name the same one."""
     cfg = train.load_run_config(run_dir)
     model, _, meta = checkpoint.load_model(run_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
@@ -165,8 +166,10 @@ def evaluate(run_dir: Path, validation: Path, work: Path) -> dict[str, Any]:
         total += token_losses(model(x), y).sum().item()
         count += int((y != -100).sum())
     loss = total / max(count, 1)
-    return {"validation_loss": loss, "validation_perplexity": math.exp(min(loss, 50.0)),
-            "validation_tokens": count, "step": meta.get("step")}  # fmt: skip
+    perplexity = math.exp(min(loss, 50.0))
+    return {"dataset": dataset, "perplexity": perplexity, "validation_loss": loss,
+            "validation_perplexity": perplexity, "validation_tokens": count,
+            "step": meta.get("step")}  # fmt: skip
 
 
 def package(

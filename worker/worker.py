@@ -142,7 +142,8 @@ class Worker:
         eval_report = None
         if job.validation_file:
             validation = self._fetch(job.validation_file, home / "files")
-            eval_report = training.evaluate(run_dir, validation, home / "validation")
+            dataset = f"sha256:{self._sha256(job.validation_file)}"
+            eval_report = training.evaluate(run_dir, validation, home / "validation", dataset)
             reporter.message(f"validation loss {eval_report['validation_loss']:.4f}")
         with self.db.session() as s:
             name = jobs.own_model_name(s, job.id, self.id, self._versions)

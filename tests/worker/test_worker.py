@@ -95,6 +95,10 @@ def test_a_job_ends_as_a_registry_version_of_its_own_name_and_can_be_tuned_again
         assert s.get(ModelOwner, "docs-bot").project_id == job.project_id
         (checkpoint,) = jobs.list_checkpoints(s, CLI, job_id)
     assert manifest.reports.parity["onnx-fp32"] and manifest.reports.eval["validation_loss"] > 0
+    with platform.db.session() as s:  # named by content: the promotion gate compares like with like
+        valid_sha = files.retrieve(s, CLI, valid).sha256
+    assert manifest.reports.eval["dataset"] == f"sha256:{valid_sha}"
+    assert manifest.reports.eval["perplexity"] == manifest.reports.eval["validation_perplexity"]
     assert platform.registry.aliases("docs-bot") == {}  # production never moves
     metrics = [e.data for e in platform.events(job_id) if e.type == "metrics"]
     assert [m["step"] for m in metrics] == [1, 2, 3]

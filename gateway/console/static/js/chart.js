@@ -15,12 +15,13 @@ function svg(tag, attrs = {}, text = null) {
 
 const plain = (v) => (Math.abs(v) >= 1000 || Number.isInteger(v) ? Math.round(v).toLocaleString() : Number(v.toPrecision(3)).toString());
 
-// "Nice" tick values covering [lo, hi].
-export function ticks(lo, hi, count = 5) {
+// "Nice" tick values covering [lo, hi]; whole numbers only when the data are counts.
+export function ticks(lo, hi, count = 5, { integer = false } = {}) {
   if (!(hi > lo)) return [lo];
   const raw = (hi - lo) / count;
   const mag = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  let step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  if (integer) step = Math.max(1, Math.round(step));
   const out = [];
   for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
   return out;
@@ -70,7 +71,7 @@ export function lineChart(container, { title = "", series = [], xLabel = "", yLa
     }
     const [x0, x1] = extent(all.map((p) => p[0]));
     const [y0, y1] = extent(all.map((p) => p[1]), { zero });
-    const yt = ticks(y0, y1);
+    const yt = ticks(y0, y1, 5, { integer: all.every((p) => Number.isInteger(p[1])) });
     const lo = Math.min(y0, yt[0]);
     const hi = Math.max(y1, yt[yt.length - 1]);
     const sx = (x) => PAD.left + ((x - x0) / (x1 - x0)) * (W - PAD.left - PAD.right);
@@ -134,11 +135,12 @@ export function barChart(container, { title = "", bars = [], yFormat = plain } =
       root.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "chart-empty" }, "No data yet"));
       return;
     }
-    const hi = Math.max(...ticks(0, Math.max(...items.map((b) => b.value), 1)));
+    const integer = items.every((b) => Number.isInteger(b.value));
+    const hi = Math.max(...ticks(0, Math.max(...items.map((b) => b.value), 1), 5, { integer }));
     const band = (W - PAD.left - PAD.right) / items.length;
     const sy = (y) => H - PAD.bottom - (y / hi) * (H - PAD.top - PAD.bottom);
     const grid = svg("g", { class: "chart-grid" });
-    for (const t of ticks(0, hi)) {
+    for (const t of ticks(0, hi, 5, { integer })) {
       grid.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: sy(t), y2: sy(t) }));
       grid.append(svg("text", { x: PAD.left - 6, y: sy(t) + 4, "text-anchor": "end" }, yFormat(t)));
     }
