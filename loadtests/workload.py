@@ -24,7 +24,6 @@ below the one offered (the report states both).
 
 from __future__ import annotations
 
-import math
 import random
 
 import msgspec
@@ -110,35 +109,61 @@ def peak_rate(w: Workload) -> float:
     return w.rate
 
 
+def offered(w: Workload, t: float) -> float:
+    """Requests offered in the first `t` seconds: the integral of rate_at from 0 to t."""
+    if w.scenario == "ramp":
+        ramp = min(t, w.duration_s)
+        rising = w.rate * (
+            w.ramp_from * ramp + (1 - w.ramp_from) * ramp * ramp / (2 * w.duration_s)
+        )
+        return rising + w.rate * max(0.0, t - w.duration_s)
+    if w.scenario == "bursty":
+        periods, into = divmod(t, w.period_s)
+        high = rate_at(w, 0.0)
+        low = rate_at(w, w.burst_s)
+        within = high * min(into, w.burst_s) + low * max(0.0, into - w.burst_s)
+        return w.rate * w.period_s * periods + within
+    return w.rate * t
+
+
+def when_offered(w: Workload, requests: float) -> float:
+    """The time by which `requests` have been offered: the inverse of `offered`."""
+    lo, hi = 0.0, max(1.0, requests / w.rate)
+    while offered(w, hi) < requests:
+        hi *= 2
+    for _ in range(60):  # bisection to well under a microsecond over any run's length
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if offered(w, mid) < requests else (lo, mid)
+    return hi
+
+
 class Pacer:
-    """One user's send schedule: the times it sends at, each a gap after the one before it,
-    drawn at the rate of that moment divided among the users."""
+    """One user's send schedule. A user owns 1/users of the requests offered: it sends when the
+    count offered so far, divided among the users, passes its next mark. Marks are one apart
+    (even pacing, from a random phase) or exponential gaps (Poisson), so a rate that changes over
+    time (ramp, bursts) is followed exactly: the time change of a unit-rate process."""
 
     def __init__(self, w: Workload, rng: random.Random, start: float):
         self.w, self.rng, self.start = w, rng, start
+        self.poisson = w.scenario in POISSON
         # a random phase, so that users spawned together do not send together
-        self.next = start + self.rng.random() * self._gap(start, even=True)
+        self.mark = self.rng.expovariate(1.0) if self.poisson else self.rng.random()
+        self.next = self._time_of(self.mark)
 
-    def _gap(self, now: float, even: bool = False) -> float:
-        users = self.w.users
-        if self.w.scenario in POISSON and not even:
-            # a Poisson process whose rate changes over time, by thinning (Lewis and Shedler,
-            # 1979): candidates at the peak rate, each kept with probability rate(t) / peak
-            peak, t = peak_rate(self.w) / users, now
-            while True:
-                t += self.rng.expovariate(peak)
-                if self.rng.random() * peak <= rate_at(self.w, t - self.start) / users:
-                    return t - now
-        return users / rate_at(self.w, now - self.start)
+    def _time_of(self, mark: float) -> float:
+        return self.start + when_offered(self.w, mark * self.w.users)
 
     def delay(self, now: float) -> float:
         """Seconds to wait from `now` before the next send (0 when it is due or late)."""
         return max(0.0, self.next - now)
 
     def sent(self, now: float) -> None:
-        """A request went out at `now`: schedule the next one. A late user starts from `now`
-        (no catch-up burst)."""
-        self.next = max(self.next, now) + self._gap(max(self.next, now))
+        """A request went out at `now`: schedule the next one. A user that fell behind by more
+        than that starts again from `now` (no catch-up burst)."""
+        step = self.rng.expovariate(1.0) if self.poisson else 1.0
+        mark_now = offered(self.w, now - self.start) / self.w.users
+        self.mark = self.mark + step if self.mark + step >= mark_now else mark_now + step
+        self.next = self._time_of(self.mark)
 
 
 # ── request bodies ──
@@ -194,7 +219,4 @@ def per_user_rng(seed: int, user: int) -> random.Random:
 
 def expected_requests(w: Workload) -> int:
     """Requests the profile offers over its duration (before max_requests caps it)."""
-    steps = 1000
-    dt = w.duration_s / steps
-    total = sum(rate_at(w, (i + 0.5) * dt) * dt for i in range(steps))
-    return math.ceil(total)
+    return round(offered(w, w.duration_s))

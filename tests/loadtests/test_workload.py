@@ -73,6 +73,28 @@ def test_a_ramp_rises_linearly_to_the_rate():
     assert expected_requests(w) == pytest.approx(550, abs=2)
 
 
+@pytest.mark.parametrize("scenario", ["ramp", "bursty", "short_chat"])
+def test_many_users_over_a_short_run_offer_what_the_profile_does(scenario):
+    """60 users at 1 req/s for 60 s: each sends about once, yet together they follow the
+    profile from the first second (a user's first send is not put off by a slow start)."""
+    w = Workload(scenario=scenario, rate=1.0, users=60, duration_s=60.0)
+    times = sorted(t for u in range(60) for t in sends(w, u, 60.0))
+    assert len(times) == pytest.approx(expected_requests(w), abs=8)
+    if (
+        scenario == "ramp"
+    ):  # 0.1 to 1 req/s: the second half offers (0.55+1)/(0.1+0.55) of the first
+        first = sum(t < 30 for t in times)
+        assert 1.6 < (len(times) - first) / first < 4
+
+
+def test_a_user_slightly_late_keeps_its_schedule():
+    w = Workload(scenario="short_chat", rate=1.0, users=1)
+    pacer = Pacer(w, random.Random(0), 0.0)
+    due = pacer.next
+    pacer.sent(due + 0.2)
+    assert pacer.next == pytest.approx(due + 1.0)
+
+
 def test_a_late_user_sends_at_once_and_does_not_catch_up():
     w = Workload(scenario="short_chat", rate=1.0, users=1)
     pacer = Pacer(w, random.Random(0), 0.0)
