@@ -19,6 +19,20 @@ DEMO_CORPUS = ROOT / "data" / "demo" / "python-docstrings.txt"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_aimass_home(tmp_path_factory):
+    """No test writes to the real $AIMASS_HOME (~/.aimass, where `make run` keeps its models and
+    database): every default under it points into a temporary folder instead; a test that needs
+    its own sets AIMASS_HOME again."""
+    before = os.environ.get("AIMASS_HOME")
+    os.environ["AIMASS_HOME"] = str(tmp_path_factory.mktemp("aimass-home"))
+    yield
+    if before is None:
+        os.environ.pop("AIMASS_HOME", None)
+    else:
+        os.environ["AIMASS_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """~60 KB of English prose (a slice of the bundled demo corpus)."""
