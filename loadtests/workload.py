@@ -11,7 +11,8 @@ A scenario is a request mix and an arrival profile:
     long_output   a one-line question, long_output_tokens out    constant pacing
     mixed_models  short_chat, each to a model drawn from MODELS  constant pacing
     bursty        short_chat                                     Poisson, burst_factor x the rate
-                                                                 for burst_s of every period_s
+                                                                 between bursts for burst_s of
+                                                                 every period_s
     ramp          short_chat                                     constant pacing, rising linearly
                                                                  from ramp_from x rate to rate
     standard      60% short_chat, 20% long_prompt, 20% long_output   Poisson
@@ -19,7 +20,7 @@ A scenario is a request mix and an arrival profile:
 "Rate" is requests per second offered: each of U simulated users sends at rate(t)/U on its own
 schedule, so the users together offer rate(t). A user whose request outlasts its gap sends the
 next one at once and does not catch up, so a saturated server shows as an achieved send rate
-below the one offered (the report states both).
+below the one offered (the report states both). Pacer says how a user keeps its schedule.
 """
 
 from __future__ import annotations
