@@ -158,14 +158,16 @@ def _serve(args: argparse.Namespace) -> int:
     if open_access:
         print(
             f"aimass gateway on {where} WITHOUT authentication: no users or API keys exist and "
-            "it listens on loopback only. Create an admin with `aimass users create --admin` "
-            "or a key with `aimass keys create`, then restart it, to require them.",
+            "it listens on loopback only. Create the first admin in the console "
+            f"({where}/console/setup) or with `aimass users create --admin` to require sign-in "
+            "(a key made with `aimass keys create` needs a restart).",
             file=sys.stderr,
             flush=True,
         )
     else:
         print(
-            f"aimass gateway on {where} (API keys or sign-in required; database {app.state.db.url})",
+            f"aimass gateway on {where}, console on {where}/console (API keys or sign-in "
+            f"required; database {app.state.db.url})",
             file=sys.stderr,
             flush=True,
         )
