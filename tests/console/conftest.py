@@ -15,7 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from argon2 import PasswordHasher
 
+from controlplane import identity
+from controlplane.access import CLI
+from controlplane.db import Database
 from tests.gateway.conftest import free_port, tiny_registry  # noqa: F401  (a shared fixture)
 
 CHROMIUM = (
@@ -24,6 +28,7 @@ CHROMIUM = (
     or shutil.which("chromium-browser")
 )
 WIDTHS = {"desktop": (1280, 900), "phone": (390, 844)}
+PASSWORD = "correct horse battery"  # every person the browser tests make signs in with it
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +49,54 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def open_page(browser, *, width: int = 1280, url: str | None = None, email: str | None = None,
+              timeout_ms: int = 15_000):  # fmt: skip
+    """A page in a fresh browser context (its own cookies), signed in as `email` through the API
+    when given, that records script errors and Content-Security-Policy violations in
+    `page.problems`. An API's 4xx is logged by the browser as a failed resource: expected where
+    a test provokes one, so those are not problems."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    if email is not None:
+        signed = context.request.post(f"{url}/v1/auth/login",
+                                      data={"email": email, "password": PASSWORD})  # fmt: skip
+        assert signed.ok, signed.text()
+    page = context.new_page()
+    page.set_default_timeout(timeout_ms)
+    page.problems = []
+    page.on("pageerror", lambda e: page.problems.append(f"script error: {e}"))
+    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+            and page.problems.append(f"console: {m.text}"))  # fmt: skip
+    return page
+
+
+@pytest.fixture
+def page(chromium):
+    """A page at desktop width, signed in as nobody."""
+    page = open_page(chromium)
+    yield page
+    page.context.close()
+
+
+@pytest.fixture
+def cheap_hashing(monkeypatch):
+    """argon2 at its cheapest: these tests are not about hashing, and sign in often."""
+    monkeypatch.setattr(identity, "_HASHER", PasswordHasher(time_cost=1, memory_cost=64,
+                                                            parallelism=1))  # fmt: skip
+
+
+def add_people(database: str, *people: tuple[str, str, bool]) -> None:
+    """(email, display name, is platform admin) people in the database at `database` (migrated
+    first), each with PASSWORD."""
+    db = Database.open(database)
+    try:
+        db.upgrade()
+        with db.session() as s:
+            for email, name, admin in people:
+                identity.create_user(s, CLI, email, name, PASSWORD, is_admin=admin)
+    finally:
+        db.close()
 
 
 @dataclass

@@ -10,12 +10,12 @@ import re
 import httpx
 import openai
 import pytest
-from argon2 import PasswordHasher
 
 from controlplane import identity
 from controlplane.access import CLI
 from controlplane.db import Database
 from controlplane.keys import create_key
+from tests.console.conftest import PASSWORD, add_people, open_page
 from tests.gateway.conftest import TIMEOUT, base_config, running
 
 sync_api = pytest.importorskip(
@@ -23,45 +23,21 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 
-PASSWORD = "correct horse battery"
-
 
 @pytest.fixture
-def gw(tmp_path, tiny_registry, monkeypatch):
-    """A gateway whose database holds a platform admin (root) and a person (vera); cheap argon2
-    parameters, as these tests are not about hashing."""
-    monkeypatch.setattr(identity, "_HASHER", PasswordHasher(time_cost=1, memory_cost=64,
-                                                            parallelism=1))  # fmt: skip
+def gw(tmp_path, tiny_registry, cheap_hashing):
+    """A gateway whose database holds a platform admin (root) and a person (vera)."""
     config = base_config(tmp_path, tiny_registry, usage_flush_s=0.1)
-    db = Database.open(config.database)
-    db.upgrade()
-    with db.session() as s:
-        identity.create_user(s, CLI, "root@example.org", "Root", PASSWORD, is_admin=True)
-        identity.create_user(s, CLI, "vera@example.org", "Vera", PASSWORD)
-    db.close()
+    add_people(
+        config.database, ("root@example.org", "Root", True), ("vera@example.org", "Vera", False)
+    )
     with running(config) as gw:
         yield gw
 
 
-def _page(chromium, gw, email: str, width: int = 1280):
-    context = chromium.new_context(viewport={"width": width, "height": 900})
-    signed = context.request.post(f"{gw.url}/v1/auth/login",
-                                  data={"email": email, "password": PASSWORD})  # fmt: skip
-    assert signed.ok, signed.text()
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
-    # an API's 4xx is logged as a failed resource: expected where a test provokes one
-    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
-            and problems.append(f"console: {m.text}"))  # fmt: skip
-    page.problems = problems
-    return page
-
-
 @pytest.fixture
 def root(chromium, gw):
-    page = _page(chromium, gw, "root@example.org")
+    page = open_page(chromium, url=gw.url, email="root@example.org")
     yield page
     page.context.close()
 
@@ -130,7 +106,7 @@ def test_a_viewer_sees_the_lists_without_the_controls(chromium, gw):
         identity.add_member(s, CLI, project, "root@example.org", "owner")
         identity.add_member(s, CLI, project, "vera@example.org", "viewer")
     db.close()
-    page = _page(chromium, gw, "vera@example.org", width=390)
+    page = open_page(chromium, url=gw.url, email="vera@example.org", width=390)
     try:
         page.goto(f"{gw.url}/console/members")
         expect(page.get_by_test_id("member-row")).to_have_count(2)

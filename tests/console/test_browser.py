@@ -16,22 +16,6 @@ def gw(tmp_path, tiny_registry):
         yield gw
 
 
-@pytest.fixture
-def page(chromium):
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
-    # an API's 4xx is logged by the browser as a failed resource: expected where a test
-    # provokes one; anything else logged as an error (a CSP violation: "Refused to …") is not
-    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
-            and problems.append(f"console: {m.text}"))  # fmt: skip
-    page.problems = problems
-    yield page
-    context.close()
-
-
 def test_first_run_sign_in_and_out(gw, page):
     page.goto(f"{gw.url}/console")
     page.wait_for_url("**/console/overview")  # open access: no users or keys yet

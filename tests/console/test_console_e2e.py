@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.console.conftest import WIDTHS, aimass_serve
+from tests.console.conftest import WIDTHS, aimass_serve, open_page
 from tests.gateway.test_training_api import corpus
 
 expect = pytest.importorskip(
@@ -58,17 +58,6 @@ def camera(tmp_path) -> Camera:
     return Camera(Path(target) if target else tmp_path / "screenshots")
 
 
-def new_page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.problems = []
-    page.on("pageerror", lambda e: page.problems.append(f"script error: {e}"))
-    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
-            and page.problems.append(f"console: {m.text}"))  # fmt: skip
-    return page
-
-
 def sign_in(page, url: str, who: dict) -> None:
     page.goto(f"{url}/console/login")
     page.get_by_label("Email").fill(who["email"])
@@ -102,7 +91,7 @@ def start_job(page, url: str, file_id: str, steps: str) -> None:
 def test_the_console_end_to_end(chromium, tmp_path, camera):
     with aimass_serve(tmp_path / "home") as platform:
         url = platform.url
-        page = new_page(chromium)
+        page = open_page(chromium, timeout_ms=20_000)
 
         # ── first run: the first admin, signed in at once ──
         page.goto(f"{url}/console/setup")
@@ -208,7 +197,7 @@ def test_the_console_end_to_end(chromium, tmp_path, camera):
         assert page.problems == []
 
         # ── a viewer: no admin controls, and the API refuses a forged post anyway ──
-        viewer = new_page(chromium)
+        viewer = open_page(chromium, timeout_ms=20_000)
         viewer.goto(f"{url}/console/login")
         camera.shoot(viewer, "login")
         sign_in(viewer, url, VIEWER)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 
 from controlplane import identity, jobs
 from controlplane.access import CLI
 from controlplane.db import Database
 from registry.registry import Registry
+from tests.console.conftest import add_people, open_page
 from tests.gateway.conftest import base_config, make_key, running
 
 sync_api = pytest.importorskip(
@@ -19,22 +19,18 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 
-PASSWORD = "correct horse battery"
 EVIL = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 NAME = '<img src=x onerror="window.pwned=3"><b>bold'  # a file name has no slash
 
 
 @pytest.fixture
-def gw(tmp_path, monkeypatch):
+def gw(tmp_path, monkeypatch, cheap_hashing):
     monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(identity, "_HASHER", PasswordHasher(time_cost=1, memory_cost=64,
-                                                            parallelism=1))  # fmt: skip
     Registry.open(str(tmp_path / "registry"))
     config = base_config(tmp_path, tmp_path / "registry")
+    add_people(config.database, ("root@example.org", "Root", True))
     db = Database.open(config.database)
-    db.upgrade()
     with db.session() as s:
-        identity.create_user(s, CLI, "root@example.org", "Root", PASSWORD, is_admin=True)
         project = identity.create_project(s, CLI, "alpha").id
         identity.add_member(s, CLI, project, "root@example.org", "owner")
     db.close()
@@ -54,14 +50,7 @@ def test_file_names_and_log_lines_are_text(gw, chromium):
     with gw.state.db.session() as s:  # what a worker would write: a log line holding markup
         jobs.add_event(s, job["id"], f"reading {EVIL}", level="warning")
 
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    page.goto(f"{gw.url}/console/login")
-    page.get_by_label("Email").fill("root@example.org")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_test_id("login-submit").click()
-    page.wait_for_url("**/console/overview")
+    page = open_page(chromium, url=gw.url, email="root@example.org")
     for path, where, text in (("/console/datasets", "file-row", NAME),
                               (f"/console/training/{job['id']}", "job-log", EVIL)):  # fmt: skip
         page.goto(gw.url + path)
@@ -71,4 +60,5 @@ def test_file_names_and_log_lines_are_text(gw, chromium):
     page.goto(f"{gw.url}/console/training")
     expect(page.get_by_test_id("job-training-file")).to_contain_text(NAME)
     assert page.evaluate("window.pwned") is None
-    context.close()
+    assert page.problems == []
+    page.context.close()

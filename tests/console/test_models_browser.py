@@ -6,17 +6,14 @@ a phone's width. No script error or Content-Security-Policy violation on the way
 from __future__ import annotations
 
 import pytest
-from argon2 import PasswordHasher
 
 from controlplane import identity
 from controlplane.access import CLI
 from controlplane.db import Database
 from registry.registry import Registry
-from tests.console.test_browser import page  # noqa: F401  (the browser page fixture)
+from tests.console.conftest import PASSWORD, add_people
 from tests.gateway.conftest import base_config, running
 from tests.registry.helpers import write_package
-
-PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
@@ -40,7 +37,7 @@ def _goto_model(tab, url: str, name: str) -> None:
     tab.get_by_test_id("alias-production").wait_for()
 
 
-def test_promote_after_seeing_the_gates_canary_rollback_and_history(tmp_path, library, page):  # noqa: F811
+def test_promote_after_seeing_the_gates_canary_rollback_and_history(tmp_path, library, page):
     with running(base_config(tmp_path, tmp_path / "registry")) as gw:  # open access: an admin
         page.goto(f"{gw.url}/console/models")
         row = page.locator('[data-testid="model-row"][data-model="lib"]')
@@ -85,14 +82,11 @@ def test_promote_after_seeing_the_gates_canary_rollback_and_history(tmp_path, li
     assert page.problems == []
 
 
-def test_a_viewer_reads_without_controls_at_phone_width(tmp_path, library, page, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(identity, "_HASHER", PasswordHasher(time_cost=1, memory_cost=64,
-                                                            parallelism=1))  # fmt: skip
+def test_a_viewer_reads_without_controls_at_phone_width(tmp_path, library, page, cheap_hashing):
     config = base_config(tmp_path, tmp_path / "registry")
+    add_people(config.database, ("vi@example.org", "Vi", False))
     db = Database.open(config.database)
-    db.upgrade()
     with db.session() as s:
-        identity.create_user(s, CLI, "vi@example.org", "Vi", PASSWORD)
         alpha = identity.create_project(s, CLI, "alpha")
         identity.add_member(s, CLI, alpha.id, "vi@example.org", "viewer")
         identity.own_model(s, CLI, alpha.id, "owned")

@@ -25,20 +25,6 @@ def gw(tmp_path, tiny_registry):
         yield gw
 
 
-@pytest.fixture
-def page(chromium):
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
-    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
-            and problems.append(f"console: {m.text}"))  # fmt: skip
-    page.problems = problems
-    yield page
-    context.close()
-
-
 def _ask(page, text: str) -> None:
     before = page.locator(".pg-msg-assistant").count()
     page.get_by_test_id("pg-input").fill(text)

@@ -10,13 +10,13 @@ import re
 import threading
 
 import pytest
-from argon2 import PasswordHasher
 
 from controlplane import identity
 from controlplane.access import CLI
 from controlplane.db import Database
 from registry.registry import Registry
 from tests.conftest import DEMO_CORPUS
+from tests.console.conftest import add_people, open_page
 from tests.gateway.conftest import base_config, make_key, openai_client, running
 from worker.worker import Worker, WorkerConfig
 
@@ -25,7 +25,6 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 
-PASSWORD = "correct horse battery"
 BAD = b'{"text": "ok"}\n{"text": oops}\n'
 
 
@@ -35,19 +34,18 @@ def corpus(chars: int = 20_000) -> bytes:
 
 
 @pytest.fixture
-def gw(tmp_path, monkeypatch):
+def gw(tmp_path, monkeypatch, cheap_hashing):
     """A gateway with a platform admin (root, owner of project alpha) and a viewer of alpha
-    (vera); cheap argon2 parameters, as these tests are not about hashing."""
+    (vera)."""
     monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(identity, "_HASHER", PasswordHasher(time_cost=1, memory_cost=64,
-                                                            parallelism=1))  # fmt: skip
     Registry.open(str(tmp_path / "registry"))
     config = base_config(tmp_path, tmp_path / "registry")
+    add_people(
+        config.database, ("root@example.org", "Root", True), ("vera@example.org", "Vera", False)
+    )
     db = Database.open(config.database)
     db.upgrade()
     with db.session() as s:
-        identity.create_user(s, CLI, "root@example.org", "Root", PASSWORD, is_admin=True)
-        identity.create_user(s, CLI, "vera@example.org", "Vera", PASSWORD)
         project = identity.create_project(s, CLI, "alpha").id
         identity.add_member(s, CLI, project, "root@example.org", "owner")
         identity.add_member(s, CLI, project, "vera@example.org", "viewer")
@@ -69,25 +67,9 @@ def worker(gw, tmp_path):
     thread.join(60)
 
 
-def _page(chromium, gw, email: str, width: int = 1280):
-    context = chromium.new_context(viewport={"width": width, "height": 900})
-    signed = context.request.post(f"{gw.url}/v1/auth/login",
-                                  data={"email": email, "password": PASSWORD})  # fmt: skip
-    assert signed.ok, signed.text()
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
-    # an API's 4xx is logged as a failed resource: expected where a test provokes one
-    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
-            and problems.append(f"console: {m.text}"))  # fmt: skip
-    page.problems = problems
-    return page
-
-
 @pytest.fixture
 def root(chromium, gw):
-    page = _page(chromium, gw, "root@example.org")
+    page = open_page(chromium, url=gw.url, email="root@example.org")
     yield page
     page.context.close()
 
@@ -185,7 +167,7 @@ def test_cancel_and_what_a_viewer_sees(chromium, gw, root):
     expect(root.get_by_test_id("job-status")).to_have_text("queued")  # no worker runs here
     job_url = root.url
 
-    vera = _page(chromium, gw, "vera@example.org", width=390)
+    vera = open_page(chromium, url=gw.url, email="vera@example.org", width=390)
     try:
         vera.goto(f"{gw.url}/console/training")
         expect(vera.get_by_test_id("job-row")).to_have_count(1)
