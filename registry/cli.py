@@ -1,11 +1,11 @@
-"""`aimass registry push|ls|show|pull|alias|promote|rollback|events|gc|gates`.
+"""`aimass registry push|ls|show|pull|alias|promote|rollback|events|gc|gates|report|reports`.
 
 The registry is `--registry URI` (a folder, file:///path, or s3://bucket/prefix), else
 $AIMASS_REGISTRY, else $AIMASS_HOME/registry (AIMASS_HOME defaults to ~/.aimass). Events name
 the user from $AIMASS_USER, else the OS user. Results go to stdout, notes to stderr, and an
 error is one line on stderr with its exit code:
 
-    0 done   1 storage failed   2 bad input / not found   3 alias moved (lost race)
+    0 done   1 storage failed   2 bad input / not found   3 alias or report moved (lost race)
     4 a promotion gate failed   5 sha256 mismatch
 """
 
@@ -16,6 +16,7 @@ import re
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -24,7 +25,7 @@ from aimass_common.settings import default_registry
 from registry import errors, gates
 from registry.cache import pull
 from registry.manifest import ManifestError, decode
-from registry.names import parse_version
+from registry.names import parse_ref, parse_version
 from registry.registry import Registry
 
 
@@ -83,6 +84,14 @@ def register(subparsers) -> None:
     c.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
     c = add("gates", "show the promotion gates config, or --set it from a JSON file")
     c.add_argument("--set", dest="file", metavar="FILE")
+    c = add("report", "attach a report (eval, load_test, canary, ...) to a version, or replace it")
+    c.add_argument("ref", metavar="NAME:VERSION")
+    c.add_argument("kind", metavar="KIND", help="eval, load_test, benchmark, canary, pipeline, ...")
+    c.add_argument("file", metavar="FILE.json", help="a JSON object; '-' reads stdin")
+    c.add_argument("--new", action="store_true", help="refuse (exit 3) if one is there already")
+    c = add("reports", "the reports attached to a version since its push")
+    c.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
+    c.add_argument("--json", action="store_true", help="{kind: report}")
     p.set_defaults(func=_run)
 
 
@@ -172,6 +181,8 @@ def _show(reg, args) -> int:
         )
         print(f"  {a.target:<14} {a.runtime}, {a.dtype}, {_mb(size)}, {state}")
     print(f"  files        {len(m.files())}, {_mb(sum(f.size for f in m.files()))}")
+    if attached := reg.reports(name, version):
+        print(f"  attached     {', '.join(attached)} (aimass registry reports {name}:{version})")
     return 0
 
 
@@ -255,6 +266,37 @@ def _gates(reg, args) -> int:
     return 0
 
 
+def _report(reg, args) -> int:
+    ref = parse_ref(args.ref)
+    if ref.version is None:
+        raise errors.RegistryError(f"{args.ref!r}: name the version, as NAME:VERSION")
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise errors.RegistryError(f"{args.file}: no such file") from None
+    try:
+        report = msgspec.json.decode(data, type=dict[str, Any])
+    except msgspec.DecodeError as e:
+        raise errors.RegistryError(f"{args.file} is not a JSON object: {e}") from None
+    reg.attach_report(ref.name, ref.version, args.kind, report, expect_absent=args.new)
+    print(f"attached the {args.kind} report to {ref.name}:{ref.version}")
+    return 0
+
+
+def _reports(reg, args) -> int:
+    name, version = reg.resolve(args.ref)
+    reports = reg.reports(name, version)
+    if args.json:
+        print(msgspec.json.encode(reports, order="deterministic").decode())
+        return 0
+    if not reports:
+        print(f"{name}:{version} has no attached reports", file=sys.stderr)
+    for kind, report in reports.items():
+        text = msgspec.json.encode(report, order="deterministic").decode()
+        print(f"{kind:<10} {text if len(text) <= 100 else text[:97] + '...'}")
+    return 0
+
+
 def parse_age(text: str) -> timedelta:
     """'7d', '12h', '30m', '45s', '2w' or '0'."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", text.strip())
@@ -281,4 +323,6 @@ HANDLERS = {
     "events": _events,
     "gc": _gc,
     "gates": _gates,
+    "report": _report,
+    "reports": _reports,
 }

@@ -5,6 +5,8 @@
     NotFound              no such model, version, alias or object              2
     StorageError          the store failed (network, permissions, bucket)      1
     AliasConflict         compare-and-swap lost: the alias moved meanwhile     3
+    ReportConflict        (an AliasConflict) a report changed meanwhile, or    3
+                          exists where expect_absent said there was none
     GateFailed            promotion refused; names the failed gates            4
     IntegrityError        bytes do not match their sha256                      5
 
@@ -38,6 +40,11 @@ class PreconditionFailed(RegistryError):
 
 class AliasConflict(RegistryError):
     """An alias moved between our read and our write, or is not where --expect said."""
+
+
+class ReportConflict(AliasConflict):
+    """An attached report was written by someone else between our read and our write, or is
+    there where the writer expected none; a lost compare-and-swap like AliasConflict's."""
 
 
 class GateFailed(RegistryError):

@@ -166,6 +166,14 @@ class Reports(msgspec.Struct, kw_only=True):
     eval: dict[str, Any] | None = None
     benchmark: dict[str, Any] | None = None
     load_test: dict[str, Any] | None = None
+    # reports attached to the version after its push (Registry.attach_report), by kind, other
+    # than the three above (an attached one of those replaces the field); never in the stored
+    # manifest.json: the registry merges them in when it reads a version (with_attached)
+    attached: dict[str, dict[str, Any]] = {}
+
+
+# the attached kinds that replace a field of Reports; any other kind goes into Reports.attached
+REPORT_FIELDS = ("eval", "benchmark", "load_test")
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -190,6 +198,19 @@ class Manifest(msgspec.Struct, kw_only=True):
     def files(self) -> list[FileEntry]:
         """Every file the package lists, tokenizer first."""
         return [*self.tokenizer.files, *(f for a in self.artifacts for f in a.files)]
+
+
+def with_attached(manifest: Manifest, attached: dict[str, dict[str, Any]]) -> Manifest:
+    """`manifest` as the gates and the Model Library see it: reports attached after the push
+    replace the manifest's own of the same kind (a re-run step's report is the current one)."""
+    if not attached:
+        return manifest
+    fields = {k: v for k, v in attached.items() if k in REPORT_FIELDS}
+    others = {k: v for k, v in attached.items() if k not in REPORT_FIELDS}
+    reports = msgspec.structs.replace(
+        manifest.reports, **fields, attached={**manifest.reports.attached, **others}
+    )
+    return msgspec.structs.replace(manifest, reports=reports)
 
 
 class _Header(msgspec.Struct):

@@ -26,7 +26,7 @@ class Event(msgspec.Struct, kw_only=True):
     at: datetime  # UTC
     who: str  # AIMASS_USER, else the OS user
     host: str
-    action: str  # push | alias | promote | rollback | gc
+    action: str  # push | alias | promote | rollback | gc | report
     name: str
     version: int | None = None  # pushed, deleted, or the alias's new target
     alias: str | None = None
@@ -36,6 +36,7 @@ class Event(msgspec.Struct, kw_only=True):
     gates: list[GateResult] = []
     detail: str = ""
     weight: float | None = None  # a canary alias's traffic share after the move
+    kind: str | None = None  # report events: the kind of report attached (eval, canary, ...)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -31,11 +32,27 @@ from registry.errors import (
     NotFound,
     PreconditionFailed,
     RegistryError,
+    ReportConflict,
     StorageError,
 )
 from registry.gc import collect
-from registry.layout import GATES_KEY, alias_key, blob_key, version_key
-from registry.manifest import MANIFEST, Manifest, ManifestError, decode, load, path_problem
+from registry.layout import (
+    GATES_KEY,
+    alias_key,
+    blob_key,
+    report_key,
+    reports_prefix,
+    version_key,
+)
+from registry.manifest import (
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    decode,
+    load,
+    path_problem,
+    with_attached,
+)
 from registry.names import Ref, check_name, parse_ref
 from registry.records import AliasRecord, Event, GcReport, Move, PushResult, VersionInfo
 from registry.stores import open_store
@@ -109,7 +126,31 @@ class Registry:
             raise NotFound(f"{name}:{version} does not exist") from None
 
     def manifest(self, name: str, version: int) -> Manifest:
-        return decode(self.manifest_bytes(name, version))
+        """The version's manifest with the reports attached since its push merged into
+        `reports` (registry/manifest.py with_attached); manifest_bytes is the stored file."""
+        manifest = decode(self.manifest_bytes(name, version))
+        return with_attached(manifest, self._attached(name, version))
+
+    def reports(self, name: str, version: int) -> dict[str, dict[str, Any]]:
+        """The reports attached to a version, by kind; NotFound if the version does not exist."""
+        if self.store.stat(version_key(check_name(name), version)) is None:
+            raise NotFound(f"{name}:{version} does not exist")
+        return self._attached(name, version)
+
+    def _attached(self, name: str, version: int) -> dict[str, dict[str, Any]]:
+        keys = [i.key for i in self.store.list(reports_prefix(name, version))]
+        keys = [k for k in keys if k.endswith(".json")]
+        with ThreadPoolExecutor(8) as pool:
+            datas = list(pool.map(lambda k: _get_or_none(self.store, k), keys))
+        found = {}
+        for key, data in zip(keys, datas, strict=True):
+            if data is None:
+                continue  # deleted since the listing (its version was collected)
+            try:
+                found[key.rsplit("/", 1)[-1].removesuffix(".json")] = _decode_report(data)
+            except msgspec.DecodeError as e:
+                raise RegistryError(f"{self.store.uri}/{key}: not a JSON object: {e}") from None
+        return dict(sorted(found.items()))
 
     def events(self, name: str) -> list[Event]:
         keys = sorted(i.key for i in self.store.list(f"models/{check_name(name)}/events/"))
@@ -177,6 +218,53 @@ class Registry:
         finally:
             self.store.delete(intent)
         return PushResult(name, version, uploaded, reused, unlisted)
+
+    def attach_report(
+        self,
+        name: str,
+        version: int,
+        kind: str,
+        report: dict[str, Any],
+        *,
+        expect_absent: bool = False,
+    ) -> None:
+        """Stores `report` as the version's report of `kind`, replacing the one there (a step
+        run again). The write is a compare-and-swap against the report read just before, so
+        two writers never interleave: ReportConflict when another wrote meanwhile, or, with
+        `expect_absent`, when one is there already. NotFound if the version does not exist."""
+        check_name(name)
+        check_name(kind, "report kind")
+        if not isinstance(report, dict):
+            raise RegistryError(
+                f"a {kind} report must be a JSON object, not {type(report).__name__}"
+            )
+        if self.store.stat(version_key(name, version)) is None:
+            raise NotFound(f"{name}:{version} does not exist")
+        try:
+            data = msgspec.json.encode(report, order="deterministic")
+        except (TypeError, msgspec.EncodeError) as e:
+            raise RegistryError(f"the {kind} report cannot be stored as JSON: {e}") from None
+        key = report_key(name, version, kind)
+        etag = None
+        with contextlib.suppress(NotFound):
+            etag = self.store.get(key)[1]
+        if etag is not None and expect_absent:
+            raise ReportConflict(f"{name}:{version} already has a {kind} report")
+        try:
+            if etag is None:
+                self.store.put_new(key, data)
+            else:
+                self.store.put_if_match(key, data, etag)
+        except (AlreadyExists, PreconditionFailed):
+            raise ReportConflict(
+                f"the {kind} report of {name}:{version} was written by another writer while "
+                "this one was being attached; nothing was changed: read it again and retry"
+            ) from None
+        if self.store.stat(version_key(name, version)) is None:
+            self.store.delete(key)  # a gc took the version meanwhile: leave no orphan behind
+            raise NotFound(f"{name}:{version} does not exist (deleted while attaching)")
+        detail = "replaced the earlier report" if etag else "attached"
+        self._event("report", name, version=version, kind=kind, detail=detail)
 
     def _allocate(self, name: str, data: bytes) -> int:
         versions = self.versions(name)
@@ -324,6 +412,17 @@ class Registry:
         """Deletes versions past `older_than` that no alias points to (now or in its history),
         then blobs no version and no push in progress names (registry/gc.py)."""
         return collect(self, older_than, dry_run=dry_run, now=now)
+
+
+def _get_or_none(store: Store, key: str) -> bytes | None:
+    try:
+        return store.get(key)[0]
+    except NotFound:
+        return None
+
+
+def _decode_report(data: bytes) -> dict[str, Any]:
+    return msgspec.json.decode(data, type=dict[str, Any])
 
 
 def _package_blobs(root: Path, manifest: Manifest) -> dict[str, tuple[str, int]]:

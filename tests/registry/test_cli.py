@@ -96,3 +96,31 @@ def test_registry_from_the_environment_or_after_the_subcommand(tmp_path):
         "registry", "ls", env={"AIMASS_HOME": str(tmp_path / "home"), "AIMASS_REGISTRY": ""}
     )
     assert _ok(default) == "\n"  # $AIMASS_HOME/registry: empty until the first push
+
+
+def test_report_attaches_and_reports_lists(cli, tmp_path):
+    _ok(cli("push", str(write_package(tmp_path / "pkg")), "--name", "tiny"))
+    report = tmp_path / "load.json"
+    report.write_text('{"passed": true, "p95_ttft_s": 0.25}')
+    assert "attached the load_test report to tiny:1" in _ok(
+        cli("report", "tiny:1", "load_test", str(report), "--new")
+    )
+    assert json.loads(_ok(cli("reports", "tiny", "--json"))) == {
+        "load_test": {"p95_ttft_s": 0.25, "passed": True}
+    }
+    assert _ok(cli("reports", "tiny:1")).startswith("load_test  {")
+    assert "attached     load_test" in _ok(cli("show", "tiny:1"))
+
+    again = cli("report", "tiny:1", "load_test", str(report), "--new")
+    assert again.returncode == 3 and "already has a load_test report" in again.stderr
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for args, code, says in [
+        (("tiny:2", "eval", str(report)), 2, "tiny:2 does not exist"),
+        (("tiny", "eval", str(report)), 2, "name the version, as NAME:VERSION"),
+        (("tiny:1", "eval", str(tmp_path / "none.json")), 2, "none.json: no such file"),
+        (("tiny:1", "eval", str(tmp_path / "list.json")), 2, "list.json is not a JSON object"),
+        (("tiny:1", "a/b", str(report)), 2, "report kind 'a/b' must not contain '/'"),
+    ]:
+        bad = cli("report", *args)
+        assert (bad.returncode, len(bad.stderr.splitlines())) == (code, 1), bad.stderr
+        assert says in bad.stderr
