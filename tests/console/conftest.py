@@ -31,9 +31,11 @@ WIDTHS = {"desktop": (1280, 900), "phone": (390, 844)}
 PASSWORD = "correct horse battery"  # every person the browser tests make signs in with it
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """A headless Debian Chromium under Playwright, or a skip that says what is missing."""
+    """A headless Debian Chromium under Playwright, or a skip that says what is missing. Per
+    module: Playwright's sync API keeps an asyncio loop running in this thread while it is
+    open, and every later test that calls asyncio.run() would fail."""
     if CHROMIUM is None:
         pytest.skip(
             "no Chromium: the browser tests need Debian's `chromium` package (`make test` "
