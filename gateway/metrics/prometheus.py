@@ -106,6 +106,18 @@ class GatewayMetrics:
             ["model", "kind"],
         )  # fmt: skip
 
+        # per deployment (registry name and version number): a canary and production of one
+        # name apart. outcome "error": the deployment failed a request it was given (refused
+        # it at admission, or the generation ended in an error); a caller's own 4xx is neither
+        self.deployment_requests_total = counter(
+            "deployment_requests", "Requests given to a deployment, by how they ended",
+            ["model", "version", "outcome"],
+        )  # fmt: skip
+        self.deployment_ttft_seconds = histogram(
+            "deployment_ttft_seconds", "Request accepted by the engine to first token",
+            ["model", "version"], buckets=TTFT_BUCKETS,
+        )  # fmt: skip
+
         # engine state, sampled from EngineStats
         self.queue_depth = gauge("queue_depth", "Requests waiting for a KV slot", ["model"])
         self.running_requests = gauge("running_requests", "Requests holding a KV slot", ["model"])
@@ -156,6 +168,16 @@ class GatewayMetrics:
             itl.observe(gap)
         self.prompt_tokens_total.labels(model).inc(prompt_tokens)
         self.generation_tokens_total.labels(model).inc(completion_tokens)
+
+    def observe_deployment(self, name: str, version: int, *, failed: bool) -> None:
+        """One request given to deployment `name:version` ended: once per request, however
+        many choices it had."""
+        outcome = "error" if failed else "ok"
+        self.deployment_requests_total.labels(name, str(version), outcome).inc()
+
+    def observe_deployment_ttft(self, name: str, version: int, ttft_s: float) -> None:
+        """One choice's time to first token, as the engine measured it."""
+        self.deployment_ttft_seconds.labels(name, str(version)).observe(ttft_s)
 
     def observe_engine(self, model: str, stats: EngineStats) -> None:
         """The engine's current load (call on each /metrics scrape or periodically)."""

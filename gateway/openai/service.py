@@ -30,7 +30,7 @@ from controlplane.keys import KeyRecord
 from controlplane.quotas import Quotas
 from controlplane.settings import SettingsCache
 from controlplane.usage import UsageRecorder
-from engine.errors import EngineDead
+from engine.errors import EngineDead, Overloaded
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 from gateway.auth.service import ModelOwners
@@ -40,11 +40,16 @@ from gateway.limits.schemas import LimitDecision, headers, refusal_message
 from gateway.limits.service import RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.models.deployments import Deployment, Lease
-from gateway.models.errors import ModelNotFound
+from gateway.models.errors import ModelNotFound, ModelUnavailable
 from gateway.models.routing import absent
 from gateway.models.service import ModelManager
 from gateway.openai import schemas as api
-from gateway.openai.chat_template import ChatTemplate, NoChatTemplate
+from gateway.openai.chat_template import (
+    ChatTemplate,
+    ChatTemplateError,
+    NoChatTemplate,
+    TemplateRaised,
+)
 from gateway.openai.errors import InvalidParameter, OutputFailed
 from gateway.openai.validation import (
     check_request,
@@ -213,7 +218,9 @@ class GenerationService:
                 stop=stop_strings(req),
             )
             stream = await d.engine.submit(request)
-        except BaseException:
+        except BaseException as e:
+            if _deployment_at_fault(e):
+                self.metrics.observe_deployment(d.name, d.version, failed=True)
             lease.release()
             if decision is not None and decision.allowed:
                 await self.limiter.settle(caller.limit_key, reserved, 0)
@@ -418,6 +425,7 @@ class GenerationService:
             await g.stream.aclose()
         finally:
             g.lease.release()
+            self.metrics.observe_deployment(g.deployment.name, g.deployment.version, failed=failed)
             caller = g.caller
             if self.usage is not None and caller.project_id is not None:
                 self.usage.record(caller.project_id, caller.key_id, g.request.model,
@@ -445,6 +453,8 @@ class GenerationService:
             self.metrics.observe_generation(
                 g.request.model, out.timings, prompt, out.completion_tokens
             )
+            d = g.deployment
+            self.metrics.observe_deployment_ttft(d.name, d.version, out.timings.ttft_s)
 
     def _chat_chunk(self, rid, created, model, index, delta, logprobs, finish, usage_on):
         choice = api.ChatChunkChoice(
@@ -508,6 +518,15 @@ def chat_template(d: Deployment) -> ChatTemplate:
     compiled once per source text (`chat_template._compile`)."""
     info = d.info
     return ChatTemplate(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+
+
+def _deployment_at_fault(e: BaseException) -> bool:
+    """Whether a request refused before the engine accepted it counts against the deployment it
+    was routed to: its engine is full, dead or unreachable, or its chat template is broken; a
+    caller's own 4xx, a rate limit or a cancelled request does not."""
+    if isinstance(e, TemplateRaised):  # the template refused these messages: a 400
+        return False
+    return isinstance(e, (Overloaded, EngineDead, ModelUnavailable, ChatTemplateError))
 
 
 def _first(*values: int | None) -> int | None:
