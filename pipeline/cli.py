@@ -92,12 +92,15 @@ def register(subparsers) -> None:
 def _promote(args: argparse.Namespace) -> int:
     # deferred: the steps import torch (trainer, exporters), which `aimass --help` must not load
     from pipeline.eval import read_held_out
-    from pipeline.promote import PipelineError, Run, Stopped
+    from pipeline.promote import BadSource, PipelineError, Run, Stopped
 
     try:
         source, options = _build(args, read_held_out)
-        outcome = Run(source, options, say=lambda line: print(line, flush=True)).run()
     except ValueError as e:
+        return fail(str(e))
+    try:
+        outcome = Run(source, options, say=lambda line: print(line, flush=True)).run()
+    except BadSource as e:
         return fail(str(e))
     except Stopped as e:
         return fail(f"stopped at {e}", 4)
@@ -111,6 +114,8 @@ def _promote(args: argparse.Namespace) -> int:
         return fail(str(e), 1)
     except errors.RegistryError as e:
         return fail(str(e))
+    except OSError as e:  # the local disk: the work folder, a full cache
+        return fail(str(e), 1)
     print(f"{outcome.name}:{outcome.version} is production")
     return 0
 
@@ -124,6 +129,7 @@ def _build(args: argparse.Namespace, read_held_out):
         raise ValueError("--corpus needs --preset (e.g. --preset tiny)")
     if not args.corpus and (args.preset or args.set):
         raise ValueError("--preset and --set apply to --corpus only")
+    parse_set_args(args.set)  # KEY=VALUE each, checked before anything runs
     if args.database and not args.job:
         raise ValueError("--database applies to --job only")
     for flag, value in (("--checkpoint", args.checkpoint), ("--corpus", args.corpus),
@@ -136,7 +142,7 @@ def _build(args: argparse.Namespace, read_held_out):
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         corpus=Path(args.corpus) if args.corpus else None,
         preset=args.preset,
-        train_overrides=parse_set_args(args.set),
+        train_settings=tuple(args.set),
         job=args.job,
         database=args.database,
     )

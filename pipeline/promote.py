@@ -56,7 +56,12 @@ class Stopped(Exception):
 
 
 class PipelineError(Exception):
-    """The pipeline could not run a step (its environment failed, or bad input)."""
+    """The pipeline could not run a step: its environment failed (an engine, a store)."""
+
+
+class BadSource(ValueError):
+    """The candidate's source is unusable: no checkpoint there, no such job, a job that made
+    no version of NAME."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class Source:
     checkpoint: Path | None = None
     corpus: Path | None = None
     preset: str | None = None
-    train_overrides: dict = field(default_factory=dict)  # trainer --set KEY=VALUE
+    train_settings: tuple[str, ...] = ()  # `aimass train --set KEY=VALUE`, as given
     job: str | None = None
     database: str | None = None  # the control plane holding the job
 
@@ -158,7 +163,7 @@ class Run:
         run_dir = cand.work / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped before it passed
         s = self.source
-        return steps.train(s.corpus, s.preset, s.train_overrides, run_dir)
+        return steps.train(s.corpus, s.preset, list(s.train_settings), run_dir)
 
     def _parity(self, cand: Candidate, production: int | None) -> dict:
         if self.source.job is not None:
@@ -217,6 +222,9 @@ class Run:
             self._withdraw_canary(production)
             self._finish(cand, False, name, str(e))
             raise PipelineError(f"{name}: {e}") from None
+        except KeyboardInterrupt:  # a canary left with a weight would keep taking traffic
+            self._withdraw_canary(production)
+            raise
         status = "skipped" if report.get("skipped") else "passed" if report["passed"] else "failed"
         entry |= {"status": status, "detail": report["detail"]}
         for key in ("version", "checkpoint", "production_version"):
@@ -311,7 +319,7 @@ class Run:
             return Candidate(key=s.job, work=root / _safe(s.job), version=version)
         if s.corpus is not None:
             digest = hashlib.sha256(Path(s.corpus).read_bytes()).hexdigest()
-            what = json.dumps([digest, s.preset, s.train_overrides, *self.o.targets])
+            what = json.dumps([digest, s.preset, *s.train_settings, "|", *self.o.targets])
             key = hashlib.sha256(what.encode()).hexdigest()[:16]
             cand = Candidate(key=key, work=root / f"corpus-{key}")
             prior = json.loads((cand.work / "pipeline.json").read_text()) if (
@@ -324,7 +332,7 @@ class Run:
         try:
             checkpoint = resolve(s.checkpoint)
         except TrainerError as e:
-            raise PipelineError(f"--checkpoint {s.checkpoint}: {e}") from None
+            raise BadSource(f"--checkpoint {s.checkpoint}: {e}") from None
         digest = sha256_file(checkpoint / "model.safetensors")
         key = hashlib.sha256(json.dumps([digest, *self.o.targets]).encode()).hexdigest()[:16]
         return Candidate(key=key, work=root / f"checkpoint-{key}", checkpoint=checkpoint,
@@ -359,18 +367,18 @@ class Run:
             with db.session() as s:
                 job = retrieve(s, CLI, self.source.job)
         except ControlPlaneError as e:
-            raise PipelineError(f"--job {self.source.job}: {e}") from None
+            raise BadSource(f"--job {self.source.job}: {e}") from None
         except SQLAlchemyError as e:
             raise PipelineError(f"--job {self.source.job}: {failure_line(e)}") from None
         finally:
             db.close()
         if job.status != "succeeded" or not job.fine_tuned_model:
-            raise PipelineError(
+            raise BadSource(
                 f"--job {self.source.job} is {job.status}; only a succeeded job has a model"
             )
         name, _, version = job.fine_tuned_model.partition(":")
         if name != self.o.name or not version.isdigit():
-            raise PipelineError(
+            raise BadSource(
                 f"--job {self.source.job} made {job.fine_tuned_model}, not a version of "
                 f"--name {self.o.name}"
             )

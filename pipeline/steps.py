@@ -34,9 +34,6 @@ from registry.cache import pull
 from registry.errors import GateFailed
 from registry.manifest import load
 from registry.registry import Registry
-from trainer import train as trainer
-from trainer.config import build_train_config
-from trainer.errors import TrainerError
 
 PRODUCTION = "production"
 CANARY = "canary"
@@ -51,21 +48,26 @@ class StepError(Exception):
 # ---- build ----
 
 
-def train(corpus: Path, preset: str, overrides: dict, run_dir: Path) -> dict:
-    """A training run of `preset` on `corpus` into `run_dir`; its checkpoint is the candidate."""
-    try:
-        cfg = build_train_config(preset, None, overrides)
-        trainer.prepare_run(cfg, corpus, run_dir)
-        result = trainer.run(trainer.load_run_config(run_dir), run_dir)
-    except (TrainerError, ValueError, OSError) as e:
-        raise StepError(f"training {preset} on {corpus} failed: {e}") from None
-    loss = result.best_val_loss
+def train(corpus: Path, preset: str, settings: list[str], run_dir: Path) -> dict:
+    """`aimass train` of `preset` on `corpus` into `run_dir` (KEY=VALUE `settings` as its
+    --set), in its own process with its progress in run_dir's train.log: this command's stderr
+    stays for its one-line verdict. The run's checkpoint is the candidate."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "aimass_cli", "train", "--corpus", str(corpus),
+               "--preset", preset, "--out", str(run_dir)]  # fmt: skip
+    for setting in settings:
+        command += ["--set", setting]
+    log = run_dir.parent / "train.log"
+    with open(log, "wb") as err:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, check=False)
+    lines = log.read_text(errors="replace").strip().splitlines() or ["no output"]
+    if done.returncode != 0:
+        raise StepError(f"aimass train exited with code {done.returncode}: {lines[-1]}")
     return {
         "passed": True,
-        "detail": f"{result.stop_reason} at step {result.step}"
-        + (f", best val loss {loss:.4f}" if loss is not None else ""),
-        "checkpoint": str(result.checkpoint.resolve()),
-        "step": result.step,
+        "detail": lines[-1],  # its summary: why it stopped, at which step, the losses
+        "checkpoint": done.stdout.decode().strip(),
+        "log": str(log),
     }
 
 

@@ -11,6 +11,7 @@ import httpx
 
 from engine.core import EngineCore
 from registry.registry import Registry
+from tests.conftest import tiny_overrides
 from tests.gateway.conftest import base_config, deployment, http, running
 from tests.pipeline.conftest import checkpoint, promote
 
@@ -161,3 +162,30 @@ def test_a_canary_whose_error_rate_rises_is_rolled_back(
     assert 200 in statuses  # production kept serving
     work = next((tmp_path / "work" / "tiny").iterdir())
     assert json.loads((work / "pipeline.json").read_text())["stopped_at"] == "canary"
+
+
+def test_a_corpus_is_trained_and_a_worse_candidate_stops_at_perplexity_twice_trained_once(
+    registry, slo, tmp_path, corpus_file
+):
+    """5 steps of training make a worse model than production's 60: stopped at `perplexity`;
+    run again, the training is reused, not repeated."""
+    settings = tiny_overrides(max_steps=5, eval_every=5, warmup_steps=1,
+                              **{"model.dim": 64, "model.ffn_dim": 128})  # fmt: skip
+    args = ["--corpus", str(corpus_file), "--preset", "tiny"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    for run in (1, 2):
+        result = promote(registry, slo, tmp_path / "work", *args)
+        assert result.returncode == 4, result.stderr
+        line = one_line(result.stderr)
+        assert "stopped at gate perplexity: " in line and "vs tiny:1" in line, line
+        assert "production stays tiny:1" in line
+        assert ("train: passed in run 1 (reused)" in result.stdout) == (run == 2)
+    pipeline = registry.reports("tiny", 2)["pipeline"]
+    assert pipeline["runs"] == 2 and pipeline["resumed"] == ["train", "parity", "push"]
+    assert {s["step"]: s["run"] for s in pipeline["steps"]} == {
+        "train": 1, "parity": 1, "push": 1, "eval": 2
+    }  # fmt: skip
+    assert registry.reports("tiny", 2)["eval"]["increase"] > 0.02
+    assert [v.version for v in registry.versions("tiny")] == [1, 2]
+    assert production(registry) == 1
