@@ -39,6 +39,7 @@ from pipeline import canary as canary_watch
 from pipeline import steps
 from pipeline.eval import HeldOut, builtin_held_out
 from registry.errors import NotFound
+from registry.manifest import decode
 from registry.registry import Registry
 from trainer.checkpoint import resolve
 from trainer.errors import TrainerError
@@ -345,7 +346,7 @@ class Run:
         except NotFound:
             return None
         for info in reversed(versions):
-            m = self.registry.manifest(self.o.name, info.version)
+            m = decode(self.registry.manifest_bytes(self.o.name, info.version))  # as pushed
             targets = sorted(a.target for a in m.artifacts)
             if m.lineage.checkpoint_sha256 == checkpoint_sha256 and targets == sorted(
                 self.o.targets

@@ -9,9 +9,13 @@ import time
 
 import httpx
 
+from controlplane import files, jobs
+from controlplane.db import Database
 from engine.core import EngineCore
+from exporters.package import export
 from registry.registry import Registry
 from tests.conftest import tiny_overrides
+from tests.controlplane.test_files import TEXT_JSONL, key_of, project, upload
 from tests.gateway.conftest import base_config, deployment, http, running
 from tests.pipeline.conftest import checkpoint, promote
 
@@ -189,3 +193,34 @@ def test_a_corpus_is_trained_and_a_worse_candidate_stops_at_perplexity_twice_tra
     assert registry.reports("tiny", 2)["eval"]["increase"] > 0.02
     assert [v.version for v in registry.versions("tiny")] == [1, 2]
     assert production(registry) == 1
+
+
+def test_a_fine_tuning_jobs_version_is_promoted_without_a_push(
+    registry, slo, tmp_path, pipeline_run
+):
+    """--job: the version the job pushed (here tiny:2, step 120) is the candidate; its parity is
+    the registry's gate on its manifest, and nothing is exported or pushed again."""
+    url = f"sqlite:///{tmp_path / 'aimass.db'}"
+    db = Database.open(url)
+    db.upgrade()
+    store = files.FileStore.open(str(tmp_path / "files"), home=tmp_path / "home")
+    key = key_of(project(db))
+    training_file = upload(db, store, key, TEXT_JSONL).id
+    with db.session() as s:
+        job = jobs.create(s, key, model="tiny", training_file=training_file)
+    with db.session() as s:
+        jobs.claim(s, "w", 30)
+        jobs.finish(s, job.id, "w", "succeeded", message="done", fine_tuned_model="tiny:2")
+    db.close()
+    registry.push(export(checkpoint(pipeline_run, 120), ["onnx-fp32"], tmp_path / "pkg"), "tiny")
+
+    result = promote(registry, slo, tmp_path / "work", "--job", job.id, "--database", url)
+    assert result.returncode == 0, result.stderr
+    pipeline = registry.reports("tiny", 2)["pipeline"]
+    assert [s["step"] for s in pipeline["steps"]] == [
+        "parity", "eval", "load_test", "canary", "promote"
+    ]  # fmt: skip
+    assert pipeline["steps"][0]["detail"] == "passed for onnx-fp32"
+    assert [v.version for v in registry.versions("tiny")] == [1, 2]
+    assert production(registry) == 2
+    assert (tmp_path / "work" / "tiny" / job.id / "pipeline.json").is_file()
