@@ -155,7 +155,12 @@ class Run:
                 self.say(f"{name}: passed in run {prior['run']} (reused): {prior['detail']}")
                 self._apply(name, prior, cand)
                 continue
-            resuming = False
+            if resuming:  # from here on every step runs again: earlier results are stale
+                done = order[: order.index(name)]
+                self.record["steps"] = [
+                    e for e in self.record.get("steps", []) if e["step"] in done
+                ]
+                resuming = False
             self._step(name, handlers[name], cand, production)
         self._finish(cand, True, None, f"{self.o.name}:{cand.version} promoted to production")
         return Outcome(self.o.name, cand.version, self.record)
