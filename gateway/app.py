@@ -317,6 +317,7 @@ def create_app(
         clock=clock,
         on_load=lambda d: metrics.model_up(d.name, str(d.version), d.load_s),
         on_unload=lambda d: metrics.model_down(d.name, str(d.version)),
+        on_refused=lambda name, version: metrics.observe_deployment(name, version, failed=True),
     )
     if db is None:
         db = Database.open(config.database)

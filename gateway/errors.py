@@ -34,6 +34,7 @@ that has a row, so a subclass answers as its base unless it has a row of its own
     Overloaded (engine queue full)          503     server_error           overloaded                -  (+Retry-After)
     ModelLoading (load outlasted the wait)  503     server_error           model_loading             -  (+Retry-After)
     ModelUnavailable                        503     server_error           engine_unavailable        -  (+Retry-After when it has one)
+    ModelLoadFailed (corrupt files, …)      503     server_error           model_load_failed         -  (+Retry-After, logged)
     EngineDead                              503     server_error           engine_unavailable        -
     LimiterUnavailable                      503     server_error           limiter_unavailable       -
     anything else                           500     server_error           internal_error            -  (logged with its traceback)
@@ -79,7 +80,7 @@ from controlplane.keys import InvalidKey
 from engine.errors import ContextOverflow, EngineDead, InvalidRequest, Overloaded
 from gateway.auth.errors import MissingKey, PermissionDenied
 from gateway.limits.errors import LimiterUnavailable, RateLimited, TooLargeForLimit
-from gateway.models.errors import ModelLoading, ModelNotFound, ModelUnavailable
+from gateway.models.errors import ModelLoadFailed, ModelLoading, ModelNotFound, ModelUnavailable
 from gateway.openai.chat_template import ChatTemplateError, NoChatTemplate, TemplateRaised
 from gateway.openai.errors import (
     ClientDisconnected,
@@ -206,6 +207,7 @@ ERRORS: dict[type[BaseException], ErrorRow] = {
     Overloaded: ErrorRow(503, SERVER, "overloaded", headers=_retry_after),
     ModelLoading: ErrorRow(503, SERVER, "model_loading", headers=_retry_after),
     ModelUnavailable: ErrorRow(503, SERVER, "engine_unavailable", headers=_retry_after),
+    ModelLoadFailed: ErrorRow(503, SERVER, "model_load_failed", headers=_retry_after),
     EngineDead: ErrorRow(503, SERVER, "engine_unavailable"),
     LimiterUnavailable: ErrorRow(503, SERVER, "limiter_unavailable"),
 }

@@ -33,7 +33,7 @@ from engine.api import EngineClient
 from engine.detokenizer import TokenBytes
 from engine.outputs import EngineInfo
 from gateway.clock import Clock
-from gateway.models.errors import ModelLoading, ModelUnavailable
+from gateway.models.errors import ModelLoadFailed, ModelLoading, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,11 @@ class Deployments:
             deployment = await asyncio.wait_for(asyncio.shield(task), self._load_wait_s)
         except TimeoutError:
             raise ModelLoading(f"{name}:{version}", self._load_wait_s) from None
+        except (ModelUnavailable, ModelLoading):
+            raise
+        except Exception as e:  # a corrupt blob, a graph that will not open: this version's fault
+            log.error("%s:%d could not be loaded: %s", name, version, e)
+            raise ModelLoadFailed(f"{name}:{version}", e) from e
         return Lease(deployment, cold_start=True, clock=self._clock)
 
     def retire_except(self, name: str, routed: set[int]) -> None:

@@ -4,6 +4,8 @@ Nothing here imports the rest of the gateway, so the lifecycle depends on no oth
     ModelNotFound     no such model, version or alias (or no production alias): 404
     ModelLoading      the load outlasted load_wait_s; it goes on for later requests: 503
     ModelUnavailable  no room under the memory budget, or no engine server answered: 503
+    ModelLoadFailed   the version could not be loaded (its files failed their sha256, its graph
+                      would not open): 503; the next request tries again
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ class ModelLoading(Exception):
             f"{ref} is still loading after {waited_s:g} s; retry after "
             f"{math.ceil(self.retry_after_s)} s"
         )
+
+
+class ModelLoadFailed(Exception):
+    def __init__(self, ref: str, cause: BaseException):
+        self.retry_after_s = 5.0
+        super().__init__(f"{ref} could not be loaded: {cause}")
 
 
 class ModelUnavailable(Exception):

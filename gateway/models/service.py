@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.loader import EngineConfig
 from gateway.clock import Clock, monotonic
 from gateway.models.deployments import Deployment, Deployments, Lease, Loader
+from gateway.models.errors import ModelLoadFailed, ModelLoading, ModelUnavailable
 from gateway.models.loader import RegistryLoader
 from gateway.models.routing import Catalog, Router
 
@@ -62,8 +63,12 @@ class ModelManager:
         draw: Callable[[], float] = random.random,  # in [0, 1): canary draw, caller unknown
         on_load: Callable[[Deployment], None] | None = None,
         on_unload: Callable[[Deployment], None] | None = None,
+        # a request routed to name:version that the version could not take (it would not load,
+        # no room, no engine server answered): counted against that version (a canary's health)
+        on_refused: Callable[[str, int], None] | None = None,
     ):
         self.registry, self.config = registry, config
+        self._on_refused = on_refused
         if loader is None:
             loader = RegistryLoader(
                 registry, engine=config.engine, remote=config.remote, cache_dir=config.cache_dir
@@ -120,7 +125,12 @@ class ModelManager:
         `model` is NAME (its production alias, or a canary by weight), NAME@ALIAS or
         NAME:VERSION. `sticky` (the caller's key) keeps one caller on one side of a canary."""
         name, version = await self._router.route(model, sticky)
-        return await self._deployments.acquire(name, version)
+        try:
+            return await self._deployments.acquire(name, version)
+        except (ModelLoadFailed, ModelLoading, ModelUnavailable):
+            if self._on_refused is not None:
+                self._on_refused(name, version)
+            raise
 
     async def reap(self) -> None:
         """One pass: health-check remote replicas (a failed one rejoins once it answers), then

@@ -33,6 +33,7 @@ from engine.errors import ContextOverflow, EngineDead, EngineError, InvalidReque
 from gateway.auth.errors import MissingKey, PermissionDenied
 from gateway.errors import (
     ERRORS,
+    ModelLoadFailed,
     ModelLoading,
     ModelNotFound,
     ModelUnavailable,
@@ -120,6 +121,8 @@ ROWS = [
     (ModelUnavailable("full", 5.0), 503, SERVER, "engine_unavailable", None, {"Retry-After": "5"}),
     (ModelUnavailable("too big", None), 503, SERVER, "engine_unavailable", None, {}),
     (EngineDead("runtime crashed"), 503, SERVER, "engine_unavailable", None, {}),
+    (ModelLoadFailed("m:2", ValueError("sha256 mismatch")), 503, SERVER, "model_load_failed", None,
+     {"Retry-After": "5"}),  # fmt: skip
     (LimiterUnavailable("redis down"), 503, SERVER, "limiter_unavailable", None, {}),
 ]  # fmt: skip
 

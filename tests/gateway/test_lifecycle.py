@@ -157,6 +157,27 @@ def test_a_load_slower_than_load_wait_is_a_503_then_succeeds(tmp_path, tiny_regi
         assert loads == ["tiny:1"]
 
 
+def test_a_version_that_will_not_load_is_a_503_counted_against_it(tmp_path, tiny_package):
+    """A blob that fails its sha256 (storage corruption): the request gets a 503 saying so, and
+    the version's error counter (what a canary watch reads) counts it."""
+    root = tmp_path / "registry"
+    reg = Registry.open(str(root))
+    reg.push(tiny_package, "tiny")
+    reg.set_alias("tiny", "production", 1)
+    blob = max((root / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    blob.write_bytes(b"corrupt" + blob.read_bytes()[7:])  # same size, other bytes
+    with running(base_config(tmp_path, root)) as gw:
+        r = complete(gw)
+        assert_openai_error(r, 503, "model_load_failed")
+        assert r.json()["error"]["message"].startswith("tiny:1 could not be loaded: ")
+        assert "sha256" in r.json()["error"]["message"]
+        with http(gw) as h:
+            text = h.get("/metrics").text
+        errors = metric(text, "aimass_deployment_requests_total", model="tiny", version="1",
+                        outcome="error")  # fmt: skip
+        assert errors == 1.0
+
+
 def test_a_dead_engine_is_loaded_again_by_the_next_request(tmp_path, tiny_registry, monkeypatch):
     loads = count_loads(monkeypatch)
     with running(base_config(tmp_path, tiny_registry)) as gw:
