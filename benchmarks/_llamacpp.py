@@ -28,6 +28,11 @@ TOOLS = ("llama-server", "llama-quantize", "llama-perplexity")
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",  # this CPU's vector extensions, as a user building it here gets
+    # but not AMX: on the VMs here ggml's AMX matmul crashes llama-server at its first graph
+    # (SIGSEGV in ggml_backend_amx_mul_mat, seen with the tree of llama-cpp-python 0.3.36);
+    # AVX-512 and VNNI stay on
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_UI=OFF",

@@ -39,20 +39,26 @@ function extent(values, { zero = false } = {}) {
   return [lo, hi];
 }
 
-export function lineChart(container, { title = "", series = [], xLabel = "", yLabel = "", xFormat = plain, yFormat = plain, zero = false } = {}) {
-  let data = series.map((s) => ({ name: s.name, points: [...(s.points || [])] }));
+// A <figure> with its caption and the chart's <svg> (returned), replacing what `container` held.
+function figure(container, title, ...after) {
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "chart", preserveAspectRatio: "xMidYMid meet" });
-  const legend = document.createElement("ul");
-  legend.className = "chart-legend";
-  const figure = document.createElement("figure");
-  figure.className = "chart-figure";
+  const fig = document.createElement("figure");
+  fig.className = "chart-figure";
   if (title) {
     const caption = document.createElement("figcaption");
     caption.textContent = title;
-    figure.append(caption);
+    fig.append(caption);
   }
-  figure.append(root, legend);
-  container.replaceChildren(figure);
+  fig.append(root, ...after);
+  container.replaceChildren(fig);
+  return root;
+}
+
+export function lineChart(container, { title = "", series = [], xLabel = "", yLabel = "", xFormat = plain, yFormat = plain, zero = false } = {}) {
+  let data = series.map((s) => ({ name: s.name, points: [...(s.points || [])] }));
+  const legend = document.createElement("ul");
+  legend.className = "chart-legend";
+  const root = figure(container, title, legend);
 
   function draw() {
     root.replaceChildren();
@@ -116,16 +122,7 @@ export function lineChart(container, { title = "", series = [], xLabel = "", yLa
 }
 
 export function barChart(container, { title = "", bars = [], yFormat = plain } = {}) {
-  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "chart", preserveAspectRatio: "xMidYMid meet" });
-  const figure = document.createElement("figure");
-  figure.className = "chart-figure";
-  if (title) {
-    const caption = document.createElement("figcaption");
-    caption.textContent = title;
-    figure.append(caption);
-  }
-  figure.append(root);
-  container.replaceChildren(figure);
+  const root = figure(container, title);
 
   function draw(items) {
     root.replaceChildren();
