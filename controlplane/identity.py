@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 import msgspec
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from controlplane import audit
@@ -167,6 +167,15 @@ def users_exist(s: Session) -> bool:
 def create_first_admin(s: Session, email: str, display_name: str, password: str) -> UserView:
     """The first platform admin of a platform with no users (the console's first-run page);
     Conflict once anyone exists, so it can never make a second one."""
+    # Two first-run requests at once would each read "no user" and each insert an admin: the
+    # second must wait for the first's transaction, then see its admin. PostgreSQL: an
+    # advisory lock for the transaction. SQLite: a write first (of no row), which takes the
+    # database's one write lock before the read.
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(7106)"))
+    elif dialect == "sqlite":
+        s.execute(text("UPDATE users SET id = id WHERE 0"))
     if users_exist(s):
         raise Conflict("the platform has users already: an admin signs in and adds people")
     return create_user(s, Principal("local", is_admin=True), email, display_name, password,

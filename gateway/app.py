@@ -43,8 +43,10 @@ from gateway.auth.service import (
     SAFE_METHODS,
     SESSION_COOKIE,
     ModelOwners,
+    addressed_to_loopback,
     is_loopback,
     key_principal,
+    open_access_holds,
     require_action,
     session_principal,
 )
@@ -115,7 +117,9 @@ async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> N
     if action is None:
         return
     state = connection.app.state
-    if state.open_access:
+    if await open_access_holds(state) and addressed_to_loopback(
+        connection.headers.get("host"), connection.headers.get("origin")
+    ):
         # no users or keys exist and the gateway listens on loopback only (said at start): any
         # or no key is accepted (clients such as openai's insist on sending one)
         connection.state["principal"] = LOCAL
@@ -361,6 +365,8 @@ def create_app(
             "authenticator": KeyAuthenticator(db, clock=clock),
             "model_owners": ModelOwners(db, clock=clock),
             "open_access": open_access,
+            "open_access_checked": clock(),
+            "clock": clock,
             "files": FileStore.open(config.registry),  # uploaded training files
             "catalog": models.registry,  # fine-tuning jobs check their base model in it
         }

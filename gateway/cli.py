@@ -159,8 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"aimass gateway on {where} WITHOUT authentication: no users or API keys exist and "
             "it listens on loopback only. Create the first admin in the console "
-            f"({where}/console/setup) or with `aimass users create --admin` to require sign-in "
-            "(a key made with `aimass keys create` needs a restart).",
+            f"({where}/console/setup), or a person or key with `aimass users create --admin` or "
+            "`aimass keys create` (seen within 5 s), to require them.",
             file=sys.stderr,
             flush=True,
         )

@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
 
 from controlplane.access import (
     ACTIONS,
@@ -31,7 +32,14 @@ from controlplane.access import (
 )
 from controlplane.db import Database
 from controlplane.errors import Forbidden
-from controlplane.identity import SignedIn, may_see_model, model_owners, role_of, session_of
+from controlplane.identity import (
+    SignedIn,
+    credentials_exist,
+    may_see_model,
+    model_owners,
+    role_of,
+    session_of,
+)
 from controlplane.keys import KeyAuthenticator, KeyRecord, principal_of
 from gateway.auth.errors import MissingKey, PermissionDenied
 
@@ -168,6 +176,16 @@ class ModelOwners:
             return True
 
 
+def addressed_to_loopback(host: str | None, origin: str | None) -> bool:
+    """Whether a request named this machine by a loopback name or address (its Host header)
+    and, when a browser sent it, came from a loopback page (its Origin). A page of another site
+    whose name was made to resolve to 127.0.0.1 (DNS rebinding) still names itself in Host, and
+    its scripts in Origin: loopback trust is never extended to it."""
+    if not host or not is_loopback(urlsplit(f"//{host}").hostname or ""):
+        return False
+    return origin is None or is_loopback(urlsplit(origin).hostname or "")
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (a name or an address) is this machine's loopback."""
     if host == "localhost":
@@ -176,3 +194,27 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# A gateway that started in open access (no user, no key, loopback) looks again this often:
+# a person or key made meanwhile through the CLI, which writes the database directly, ends it.
+OPEN_ACCESS_RECHECK_S = 5.0
+
+
+async def open_access_holds(state) -> bool:
+    """Whether requests still go without authentication. `state`: the app's state, with
+    `open_access` (bool), `open_access_checked` (its clock's time of the last look), `db` and
+    `clock`. Once anyone can sign in it is over for good, on this replica."""
+    if not state.open_access:
+        return False
+    now = state.clock()
+    if now - state.open_access_checked >= OPEN_ACCESS_RECHECK_S:
+        state.open_access_checked = now
+
+        def exists() -> bool:
+            with state.db.session() as s:
+                return credentials_exist(s)
+
+        if await asyncio.to_thread(exists):
+            state.open_access = False
+    return state.open_access

@@ -30,7 +30,13 @@ from litestar.template.config import TemplateConfig
 from controlplane.access import LOCAL
 from controlplane.errors import Unauthenticated
 from controlplane.identity import users_exist
-from gateway.auth.service import SESSION_COOKIE, is_loopback, session_principal
+from gateway.auth.service import (
+    SESSION_COOKIE,
+    addressed_to_loopback,
+    is_loopback,
+    open_access_holds,
+    session_principal,
+)
 
 HERE = Path(__file__).parent
 PREFIX = "/console"
@@ -88,7 +94,9 @@ PAGES = [
 async def _principal(request: Request):
     """(principal, csrf token) of the signed-in person, LOCAL under open access, or None."""
     state = request.app.state
-    if state.open_access:
+    if await open_access_holds(state) and addressed_to_loopback(
+        request.headers.get("host"), request.headers.get("origin")
+    ):
         return LOCAL, None
     token = request.cookies.get(SESSION_COOKIE)
     if not token:

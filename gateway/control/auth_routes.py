@@ -28,7 +28,7 @@ from litestar.params import FromPath, JSONBody
 from controlplane import identity
 from controlplane.access import Principal
 from controlplane.errors import Forbidden, InvalidInput
-from gateway.auth.service import SESSION_COOKIE, is_loopback
+from gateway.auth.service import SESSION_COOKIE, addressed_to_loopback, is_loopback
 from gateway.control import schemas as api
 from gateway.control.schemas import ts
 from gateway.control.transaction import in_transaction
@@ -59,14 +59,17 @@ async def login(request: Request) -> Response[api.SignedIn]:
       responses=error_responses(400, 403, 409, 413))  # fmt: skip
 async def setup(request: Request, data: JSONBody[api.FirstAdmin]) -> Response[api.SignedIn]:
     # Only a person at the gateway's own machine may claim a fresh platform: a loopback peer
-    # that no proxy forwarded. JSON only: a page of another site cannot send it without CORS.
+    # that no proxy forwarded, addressing it by a loopback name from a loopback page (not a
+    # site rebound to 127.0.0.1). JSON only: another site's page cannot send it without CORS.
     client = request.client.host if request.client else ""
     forwarded = "x-forwarded-for" in request.headers or "forwarded" in request.headers
-    if not is_loopback(client) or forwarded:
+    named = addressed_to_loopback(request.headers.get("host"), request.headers.get("origin"))
+    if not is_loopback(client) or forwarded or not named:
+        why = "through a proxy" if forwarded else "" if named else "naming another host"
         raise Forbidden(
-            f"the first admin can be created only from the gateway's own machine (a loopback "
-            f"address; this request came from {client or 'an unknown address'}"
-            f"{' through a proxy' if forwarded else ''}): run `aimass users create --admin` there"
+            f"the first admin can be created only from the gateway's own machine, at a loopback "
+            f"address (this request came from {client or 'an unknown address'}"
+            f"{' ' + why if why else ''}): run `aimass users create --admin` there"
         )
     if not request.headers.get("content-type", "").startswith("application/json"):
         raise InvalidInput("the first-run request must be JSON (Content-Type: application/json)")

@@ -13,6 +13,7 @@ the caller may see.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 MINUTES = 60  # the window: the minute under way and the 59 before it
 PROJECT_ID_CHARS = 32
+
+log = logging.getLogger("aimass.gateway")
 
 
 class LoadedModel(msgspec.Struct, kw_only=True):
@@ -118,8 +121,10 @@ async def _models(
         try:
             health = await d.engine.health()
             status, detail = health.status, health.detail
-        except Exception as e:  # a remote engine that does not answer is shown as such
-            status, detail = "unreachable", str(e)
+        except Exception as e:  # a remote engine that does not answer is shown as such; its
+            # address and error are the operator's (logged), not every viewer's
+            log.warning("%s: health check failed: %s", d.ref, e)
+            status, detail = "unreachable", "the engine did not answer its health check"
         loaded_at = metrics.loaded_since(d.name, str(d.version))
         shown.append(LoadedModel(name=d.name, version=d.version, health=status, detail=detail,
                                  loaded_at=None if loaded_at is None else int(loaded_at),

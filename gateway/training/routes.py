@@ -265,7 +265,7 @@ def _event_seq(after: str | None) -> int | None:
     if after is None:
         return None
     digits = after.removeprefix(api.EVENT_PREFIX)
-    if not digits.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", digits):  # ASCII digits only, and a bounded number
         raise InvalidInput(f"after={after!r} is not an event id ({api.EVENT_PREFIX}N)", "after")
     return int(digits)
 

@@ -134,3 +134,34 @@ def test_assets_name_no_other_origin_and_parse_no_html():
 def test_every_page_has_its_template():
     for page in console.PAGES:
         assert (CONSOLE / "templates" / f"{page.name}.html").is_file(), page.name
+
+
+def test_loopback_trust_needs_a_loopback_name_and_page(gw):
+    """A site whose name was made to resolve to 127.0.0.1 (DNS rebinding) reaches the gateway
+    from loopback, but names itself in Host and Origin: no open access, no first admin."""
+    with client(gw) as c:
+        assert c.get("/v1/models").status_code == 200  # open access, addressed as 127.0.0.1
+        assert c.get("/v1/models", headers={"Host": "localhost"}).status_code == 200
+        rebound = {"Host": "evil.example:8000"}
+        assert_openai_error(c.get("/v1/models", headers=rebound), 401)
+        assert c.get("/console/overview", headers=rebound).status_code in (302, 303, 307)
+        page = {"Origin": "http://evil.example"}
+        assert_openai_error(c.get("/v1/models", headers=page), 401)
+        for headers in (rebound, page):
+            refused = c.post("/v1/auth/setup", json=ADMIN, headers=headers)
+            assert_openai_error(refused, 403)
+        assert c.get("/console/setup").status_code == 200  # still nobody
+
+
+def test_open_access_ends_when_a_key_is_made_through_the_cli(tmp_path, tiny_registry):
+    from tests.gateway.conftest import make_key
+    from tests.gateway.fakes import FakeClock
+
+    clock = FakeClock()
+    config = base_config(tmp_path, tiny_registry)
+    with running(config, clock=clock) as gw, client(gw) as c:
+        assert c.get("/v1/models").status_code == 200
+        make_key(config.database, "cli-made", ["inference"])  # the database, not this gateway
+        clock.advance(5.0)  # the gateway looks again this often
+        assert_openai_error(c.get("/v1/models"), 401)
+        assert c.get("/console/overview").headers["location"] == "/console/setup"

@@ -281,3 +281,30 @@ def test_cli_bad_input_is_one_line_and_exit_2(cli, argv, stdin, message):
     code, out, err = cli(*argv, stdin=stdin)
     assert (code, out, err.count("\n")) == (2, "", 1)
     assert err.startswith("aimass: error: ") and message in err
+
+
+def test_the_first_admin_is_made_once_even_by_two_requests_at_once(db):
+    """Two first-run requests together (threads, each its own transaction): one admin, one
+    Conflict, on SQLite and on PostgreSQL (an advisory lock there)."""
+    import threading
+
+    results = []
+
+    def first_run(email: str) -> None:
+        try:
+            with db.session() as s:
+                identity.create_first_admin(s, email, "First", "a long password")
+            results.append("made")
+        except Conflict:
+            results.append("conflict")
+        except Exception as e:  # SQLite's busy writer, at worst: still never a second admin
+            results.append(type(e).__name__)
+
+    threads = [threading.Thread(target=first_run, args=(f"a{i}@example.org",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results.count("made") == 1, results
+    with db.session() as s:
+        assert [u.is_admin for u in identity.list_users(s, CLI)] == [True]

@@ -360,7 +360,7 @@ def test_chat_and_completions_over_http_on_a_fake_engine(tmp_path):
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
     async def main():
-        async with AsyncTestClient(app) as client:
+        async with AsyncTestClient(app, base_url="http://127.0.0.1") as client:
             r = await client.post("/v1/chat/completions", json=chat)
             assert r.status_code == 200, r.text
             body = r.json()
@@ -402,7 +402,7 @@ def test_an_unknown_model_over_http_is_a_404_in_openai_shape(tmp_path):
     app = fake_app(tmp_path, FakeClock(), FakeLoader())
 
     async def main():
-        async with AsyncTestClient(app) as client:
+        async with AsyncTestClient(app, base_url="http://127.0.0.1") as client:
             r = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
             assert r.status_code == 404
             assert r.json()["error"]["code"] == "model_not_found"
@@ -417,7 +417,7 @@ def test_a_request_the_engine_fails_alone_is_a_500_and_the_next_one_is_served(tm
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
 
     async def main():
-        async with AsyncTestClient(app) as client:
+        async with AsyncTestClient(app, base_url="http://127.0.0.1") as client:
             assert (await client.post("/v1/completions", json=body)).status_code == 200
             engine = loader.engines["tiny:1"]
             engine.fail_next("the detokenizer raised")

@@ -320,8 +320,9 @@ def test_the_event_stream_resumes_after_an_event_id(tmp_path, home, monkeypatch)
             assert resumed_ids == ids[2:], kw
             assert [json.loads(d)["message"] for d in resumed[:-1]] == later, kw
         with http(gw) as h:
-            r = h.get(stream, params={"after": "event-1"})
-        assert_openai_error(r, 400, param="after")
+            for bad in ("event-1", "ftevent-²", "ftevent-" + "9" * 5000):  # not ASCII, too long
+                r = h.get(stream, params={"after": bad})
+                assert_openai_error(r, 400, param="after")
 
 
 @pytest.mark.slow
