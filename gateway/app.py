@@ -43,11 +43,10 @@ from gateway.auth.service import (
     SAFE_METHODS,
     SESSION_COOKIE,
     ModelOwners,
-    addressed_to_loopback,
     is_loopback,
     key_principal,
-    open_access_holds,
     require_action,
+    serves_openly,
     session_principal,
 )
 from gateway.clock import Clock, monotonic
@@ -117,9 +116,7 @@ async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> N
     if action is None:
         return
     state = connection.app.state
-    if await open_access_holds(state) and addressed_to_loopback(
-        connection.headers.get("host"), connection.headers.get("origin")
-    ):
+    if await serves_openly(state, connection.headers):
         # no users or keys exist and the gateway listens on loopback only (said at start): any
         # or no key is accepted (clients such as openai's insist on sending one)
         connection.state["principal"] = LOCAL

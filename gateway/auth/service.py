@@ -218,3 +218,11 @@ async def open_access_holds(state) -> bool:
         if await asyncio.to_thread(exists):
             state.open_access = False
     return state.open_access
+
+
+async def serves_openly(state, headers) -> bool:
+    """Whether this request goes without authentication: open access still holds, and the
+    request is addressed to this machine from it (`headers`: the request's)."""
+    return addressed_to_loopback(headers.get("host"), headers.get("origin")) and (
+        await open_access_holds(state)
+    )

@@ -32,9 +32,8 @@ from controlplane.errors import Unauthenticated
 from controlplane.identity import users_exist
 from gateway.auth.service import (
     SESSION_COOKIE,
-    addressed_to_loopback,
     is_loopback,
-    open_access_holds,
+    serves_openly,
     session_principal,
 )
 
@@ -92,11 +91,10 @@ PAGES = [
 
 
 async def _principal(request: Request):
-    """(principal, csrf token) of the signed-in person, LOCAL under open access, or None."""
+    """(principal, its session) of the signed-in person, (LOCAL, None) under open access, or
+    None."""
     state = request.app.state
-    if await open_access_holds(state) and addressed_to_loopback(
-        request.headers.get("host"), request.headers.get("origin")
-    ):
+    if await serves_openly(state, request.headers):
         return LOCAL, None
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
