@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from aimass_common import histogram
+
 REQUESTS = "aimass_deployment_requests"  # the counter's family (samples end in _total)
 TTFT = "aimass_deployment_ttft_seconds"  # the histogram's family
 QUANTILE = 0.95
@@ -106,23 +108,15 @@ def parse(text: str, model: str) -> dict[int, Side]:
 
 
 def quantile(buckets: dict[float, float], q: float) -> float | None:
-    """histogram_quantile over cumulative bucket counts (upper bound → count <= it); None when
-    the histogram is empty. A quantile in the +Inf bucket is the highest finite bound."""
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
+    """histogram_quantile over Prometheus's cumulative bucket counts (upper bound → count <=
+    it, +Inf included); None when the histogram is empty. A quantile in the +Inf bucket is the
+    highest finite bound."""
+    bounds = sorted(le for le in buckets if not math.isinf(le))
+    if not bounds:
         return None
-    rank = q * buckets[bounds[-1]]
-    lower, below = 0.0, 0.0
-    for le in bounds:
-        count = buckets[le]
-        if count >= rank:
-            if math.isinf(le):
-                return lower
-            if count == below:
-                return le
-            return lower + (le - lower) * (rank - below) / (count - below)
-        lower, below = le, count
-    return lower
+    cumulative = [buckets[le] for le in bounds] + [buckets.get(math.inf, buckets[bounds[-1]])]
+    counts = [c - before for c, before in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
+    return histogram.quantile(bounds, counts, q)
 
 
 def judge(canary: Side, production: Side, limits: Limits) -> tuple[bool, list[str]]:

@@ -23,6 +23,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from aimass_common.histogram import quantile
+
 
 @dataclass(frozen=True)
 class WindowSummary:
@@ -85,17 +87,4 @@ class LatencyWindow:
                     if stamp >= oldest:
                         merged = [a + b for a, b in zip(merged, counts, strict=True)]
         total = sum(merged)
-        return WindowSummary(total, tuple(self._quantile(merged, total, q) for q in quantiles))
-
-    def _quantile(self, counts: list[int], total: int, q: float) -> float | None:
-        if total == 0:
-            return None
-        rank, below = q * total, 0
-        for i, n in enumerate(counts):
-            if n and below + n >= rank:
-                if i == len(self.bounds):  # above every bound: the highest is all that is known
-                    return self.bounds[-1]
-                lower = self.bounds[i - 1] if i else 0.0
-                return lower + (self.bounds[i] - lower) * max(rank - below, 0) / n
-            below += n
-        return self.bounds[-1]
+        return WindowSummary(total, tuple(quantile(self.bounds, merged, q) for q in quantiles))
