@@ -24,20 +24,22 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default: serve the default model (SmolLM2-135M-Instruct from the
 # bundled GGUF, exported to ONNX int4 from the file's own Q4_1/Q8_0 blocks, so served as the file
-# is, and pushed to the local registry on the first run) through the gateway on 127.0.0.1:8000.
-# The export must pass its parity gate: nothing is forced past it. Everything lives under $AIMASS_HOME
-# (default ~/.aimass).
-AIMASS_HOME   ?= $(HOME)/.aimass
-DEFAULT_MODEL ?= smollm2-135m-instruct
-DEFAULT_PKG   := $(AIMASS_HOME)/packages/$(DEFAULT_MODEL)-int4
-SERVE_FLAGS   ?= --slots 16
+# is, its KV cache in float16 as llama.cpp's is: half the memory a cached token takes, the same
+# speed and fidelity; docs/benchmarks.md "Peers"), and pushed to the local registry on the first
+# run, through the gateway on 127.0.0.1:8000. The export must pass its parity gate: nothing is
+# forced past it. Everything lives under $AIMASS_HOME (default ~/.aimass).
+AIMASS_HOME    ?= $(HOME)/.aimass
+DEFAULT_MODEL  ?= smollm2-135m-instruct
+DEFAULT_TARGET ?= onnx-int4-kv16
+DEFAULT_PKG    := $(AIMASS_HOME)/packages/$(DEFAULT_MODEL)-$(DEFAULT_TARGET)
+SERVE_FLAGS    ?= --slots 16
 
 default-model: venv
 	@export AIMASS_HOME=$(AIMASS_HOME); \
 	if ! $(BIN)/aimass registry show $(DEFAULT_MODEL)@production >/dev/null 2>&1; then \
 		if [ ! -e $(DEFAULT_PKG)/manifest.json ]; then \
-			echo "first run: exporting $(DEFAULT_MODEL) to ONNX int4 (a few minutes)"; \
-			$(BIN)/aimass export $(DEFAULT_MODEL) --targets onnx-int4 --max-len 2048 \
+			echo "first run: exporting $(DEFAULT_MODEL) to $(DEFAULT_TARGET) (a few minutes)"; \
+			$(BIN)/aimass export $(DEFAULT_MODEL) --targets $(DEFAULT_TARGET) --max-len 2048 \
 				--out $(DEFAULT_PKG) || exit 1; \
 		fi; \
 		version=$$($(BIN)/aimass registry push --name $(DEFAULT_MODEL) $(DEFAULT_PKG)) || exit 1; \

@@ -16,7 +16,11 @@ def medians(rounds: list[dict], clients: list[int]) -> dict:
         n: {m: statistics.median(r["by_clients"][n][m] for r in rounds) for m in METRICS}
         for n in clients
     }
-    return {"by_clients": out, "vm_hwm_mib": statistics.median(r["vm_hwm_mib"] for r in rounds)}
+    med = {"by_clients": out, "vm_hwm_mib": statistics.median(r["vm_hwm_mib"] for r in rounds)}
+    if all("fill" in r for r in rounds):  # the memory block: --slots requests holding --fill
+        med["fill_rss_mib"] = statistics.median(r["fill"]["rss_peak_mib"] for r in rounds)
+        med["fill_tokens"] = rounds[0]["fill"]["cached_tokens"]
+    return med
 
 
 def _geomean(xs) -> float:
@@ -82,6 +86,9 @@ def compare(results: dict, ours: str, theirs: str) -> dict:
             out[n] = {m: ma["by_clients"][n][m] / mb["by_clients"][n][m] for m in METRICS}
             out[n]["tokens_per_s_range"] = (min(per_round), max(per_round))
         out["vm_hwm"] = ma["vm_hwm_mib"] / mb["vm_hwm_mib"]
+        if "fill_rss_mib" in ma and "fill_rss_mib" in mb:
+            out["fill_rss"] = ma["fill_rss_mib"] / mb["fill_rss_mib"]
+            out["fill_tokens"] = ma["fill_tokens"]
     fid = results.get("fidelity")
     if fid and ours in fid and theirs in fid:
         out["fidelity"] = {
@@ -143,6 +150,11 @@ def _speed_table(r: dict) -> str:
                 f"| {name} | {n} | {v['tokens_per_s']:.0f} | {v['ttft_ms']:.0f} | {v['itl_ms']:.1f} | "
                 f"{v['rss_peak_mib']:.0f} | {med['vm_hwm_mib']:.0f} | {loads} |"
             )
+        if "fill_rss_mib" in med:
+            lines.append(
+                f"| {name} | {med['fill_tokens']} cached tokens | | | | "
+                f"{med['fill_rss_mib']:.0f} | | |"
+            )
     return "\n".join(lines)
 
 
@@ -169,7 +181,9 @@ def _ratio_table(r: dict) -> str:
     head = (
         ["ours / llama-server"] + [f"tok/s {n}" for n in clients] + [f"TTFT {n}" for n in clients]
     )
-    head += ["peak RSS", "KL mean ours / theirs", "same top ours / theirs", "PPL ours / theirs"]
+    fill = next((row["fill_tokens"] for row in rows if "fill_tokens" in row), None)
+    head += ["peak RSS"] + ([f"RSS at {fill} cached tokens"] if fill else [])
+    head += ["KL mean ours / theirs", "same top ours / theirs", "PPL ours / theirs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"{row['label']}: {row['ours']} / {row['theirs']}"]
@@ -180,6 +194,8 @@ def _ratio_table(r: dict) -> str:
         ]
         cells += [f"{row[n]['ttft_ms']:.2f}×" for n in clients]
         cells.append(f"{row['vm_hwm']:.2f}×" if "vm_hwm" in row else "—")
+        if fill:
+            cells.append(f"{row['fill_rss']:.2f}×" if "fill_rss" in row else "—")
         fid = row.get("fidelity")
         if fid:
             o, t = fid["ours"], fid["theirs"]

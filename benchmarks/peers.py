@@ -24,6 +24,10 @@ sent → first token received (median over requests); inter-token latency = (las
 token) / (tokens − 1) per request (median); the server's peak RSS (VmRSS sampled every 50 ms
 while the N clients run; VmHWM, the process's lifetime peak, at the end). Figures are medians
 over rounds; a ratio is ours / theirs of the medians, with the range of the per-round ratios.
+Memory block (--fill, default 16384 = llama-server's -c): --slots requests at once, each of
+--fill/--slots positions (half prompt, half output, so that all are cached together), the
+server's peak RSS sampled while they run: memory at a full cache, which llama-server allocates
+up front and ours grows into.
 Ours: `aimass serve --threads T --slots S` over a registry holding one package (its context
 --max-len); llama.cpp: `llama-server -t T -tb T -np S -c --ctx --cont-batching`.
 
@@ -73,6 +77,7 @@ from registry.manifest import load as load_manifest  # noqa: E402
 MODEL = "smollm2"
 CHECKPOINT = "smollm2-135m-instruct"
 SHIPPED = "Q4_1"  # the format of the file `aimass` imports
+FILL_MARGIN = 8  # positions left free in a slot: the "<k>. " prefix and llama-server's BOS
 WARM_UP = 10**6  # the warm-up's requests are numbered from here, the measured ones from N·1000
 PROMPT_LENS = (16, 48, 96, 160, 256, 32, 64, 128)  # tokens; request k gets PROMPT_LENS[k % 8]
 PASSAGE = (
@@ -100,13 +105,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ctx", type=int, default=16384, help="llama-server's cache cells (-c)")
     ap.add_argument(
         "--targets",
-        default="onnx-int4,onnx-int8",
-        help="our package targets, in the engine's order of preference",
+        default="onnx-int4-kv16,onnx-int4,onnx-int8",
+        help="our package targets, in order of preference (the first is `make run`'s)",
     )
     ap.add_argument(
         "--formats",
         default="Q4_1,Q4_0,Q4_K_M",
         help=f"llama.cpp formats served ({SHIPPED} is the shipped file)",
+    )
+    ap.add_argument(
+        "--fill",
+        type=int,
+        default=16384,
+        help="cached tokens the memory block fills: --slots concurrent requests of "
+        "--fill/--slots positions each (0: no memory block)",
     )
     ap.add_argument("--ppl-ctx", type=int, default=256, help="llama-perplexity's chunk (-c)")
     ap.add_argument("--text", type=Path, help="held-out text for the fidelity comparison")
@@ -129,6 +141,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(
             f"a request needs up to {longest} positions: --max-len={args.max_len} and "
             f"--ctx/--slots={args.ctx // args.slots} must both allow it"
+        )
+    if args.fill and not 2 * FILL_MARGIN + 16 <= args.fill // args.slots <= min(
+        args.max_len, args.ctx // args.slots
+    ):
+        ap.error(
+            f"--fill={args.fill} over {args.slots} slots gives {args.fill // args.slots} positions "
+            f"a request: it must be at least {2 * FILL_MARGIN + 16} and fit --max-len={args.max_len} "
+            f"and --ctx/--slots={args.ctx // args.slots}"
         )
     return args
 
@@ -207,6 +227,21 @@ def prompts(tokenizer) -> list[str]:
     return [tokenizer.decode(ids[:n]) for n in PROMPT_LENS]
 
 
+def fill_output(positions: int) -> int:
+    """The memory block's output tokens: half a request's positions. The prompts of --slots
+    requests take many steps to prefill, and the first requests must still be decoding when the
+    last prompt is in, or they would never all be cached at once."""
+    return positions // 2
+
+
+def fill_prompt(tokenizer, positions: int) -> str:
+    """The memory block's prompt: with its "<k>. " prefix and fill_output() output tokens, a
+    request holds about `positions` cached positions (FILL_MARGIN fewer at most)."""
+    n = positions - fill_output(positions) - FILL_MARGIN
+    ids = tokenizer.encode(PASSAGE * (1 + n // 64), add_special_tokens=False).ids
+    return tokenizer.decode(ids[:n])
+
+
 def bodies(texts: list[str], n: int, tokens: int, first: int = 0) -> list[dict]:
     """n requests, numbered from `first`: the same for every server. The number opens the
     prompt, so a server's prefix cache finds nothing to reuse as long as each block of a
@@ -225,8 +260,10 @@ def bodies(texts: list[str], n: int, tokens: int, first: int = 0) -> list[dict]:
     ]
 
 
-def measure(server, url: str, headers: dict, args, texts: list[str]) -> dict:
-    """Warm-up, then every client count; the server is stopped by the caller."""
+def measure(server, url: str, headers: dict, args, texts: list[str], fill: str = "") -> dict:
+    """Warm-up, then every client count, then (with `fill`) the memory block: --slots requests
+    at once, each holding --fill/--slots cached positions, its peak RSS sampled. The server is
+    stopped by the caller."""
     pid = server.proc.pid
     asyncio.run(run_clients(url, headers, 2, bodies(texts, 2, args.tokens, WARM_UP)))  # loads ours
     out = {"load_average": os.getloadavg()[0], "by_clients": {}}
@@ -239,11 +276,28 @@ def measure(server, url: str, headers: dict, args, texts: list[str]) -> dict:
             )
         row["rss_peak_mib"] = rss.peak_kib / 1024
         out["by_clients"][n] = row
+    if fill:
+        n = args.slots
+        with RssSampler(pid) as rss:
+            row = asyncio.run(
+                run_clients(
+                    url,
+                    headers,
+                    n,
+                    bodies([fill], n, fill_output(args.fill // n), first=2 * 10**6),
+                )
+            )
+        out["fill"] = {
+            "requests": row["requests"],
+            "cached_tokens": args.slots * (args.fill // args.slots),  # FILL_MARGIN fewer at most
+            "rss_peak_mib": rss.peak_kib / 1024,
+            "ttft_ms": row["ttft_ms"],
+        }
     out["vm_hwm_mib"] = (proc_status_kib(pid, "VmHWM") or 0) / 1024
     return out
 
 
-def run_speed(args, servers: list[dict], llama, texts) -> dict:
+def run_speed(args, servers: list[dict], llama, texts, fill: str = "") -> dict:
     """{server name: [one measure() per round]}, rounds alternating ours and llama.cpp's."""
     results: dict[str, list] = {s["name"]: [] for s in servers}
     gw_args = SimpleNamespace(threads=args.threads, slots=args.slots, spin_wait=True)
@@ -261,7 +315,7 @@ def run_speed(args, servers: list[dict], llama, texts) -> dict:
                 )
                 url, headers = server.url + "/v1/completions", {}
             try:
-                m = measure(server, url, headers, args, texts)
+                m = measure(server, url, headers, args, texts, fill)
             finally:
                 server.close()
             m["wall_s"] = time.monotonic() - start
@@ -269,6 +323,10 @@ def run_speed(args, servers: list[dict], llama, texts) -> dict:
             cells = "  ".join(
                 f"{n}: {row['tokens_per_s']:.0f} tok/s" for n, row in m["by_clients"].items()
             )
+            if "fill" in m:
+                cells += (
+                    f"  {m['fill']['cached_tokens']} cached: {m['fill']['rss_peak_mib']:.0f} MiB"
+                )
             print(
                 f"  {s['name']:<26} {cells}  VmHWM {m['vm_hwm_mib']:.0f} MiB"
                 f"  load {m['load_average']:.2f}",
@@ -388,7 +446,8 @@ def main(argv=None) -> int:
         tokenizer = Tokenizer.from_file(
             str(next(iter(packages.values()))["package"] / "tokenizer.json")
         )
-        results["speed"] = run_speed(args, servers, llama, prompts(tokenizer))
+        fill = fill_prompt(tokenizer, args.fill // args.slots) if args.fill else ""
+        results["speed"] = run_speed(args, servers, llama, prompts(tokenizer), fill)
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_s"] = time.monotonic() - start
     results["summary"] = summarize(results, args, SHIPPED)

@@ -24,7 +24,7 @@ def test_defaults_are_the_published_run():
     args = peers.parse_args([])
     assert args.rounds == 2 and args.clients == [1, 8, 32] and args.tokens == 128
     assert args.threads == 2 and args.slots == 32 and args.max_len == 2048 and args.ctx == 16384
-    assert args.targets == ["onnx-int4", "onnx-int8"]
+    assert args.targets == ["onnx-int4-kv16", "onnx-int4", "onnx-int8"]
     assert args.formats == ["Q4_1", "Q4_0", "Q4_K_M"]
 
 
@@ -46,6 +46,27 @@ def test_a_request_must_fit_both_servers_contexts(capsys):
     with pytest.raises(SystemExit):
         peers.parse_args(["--ctx", "4096"])
     assert "--ctx/--slots=128" in capsys.readouterr().err
+
+
+def test_the_memory_block_must_fit_a_slot_of_both_servers(capsys):
+    assert peers.parse_args([]).fill == 16384  # 32 slots × 512 positions: llama-server's -c
+    assert peers.parse_args(["--fill", "0"]).fill == 0  # no memory block
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--fill", "32768"])  # 1024 a slot, llama-server's slots hold 512
+    assert "--fill=32768 over 32 slots gives 1024 positions" in capsys.readouterr().err
+
+
+def test_the_fill_prompt_leaves_room_for_its_output():
+    class Words:  # one token a word
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": text.split()})()
+
+        def decode(self, ids):
+            return " ".join(ids)
+
+    text = peers.fill_prompt(Words(), 512)
+    assert len(text.split()) == 512 - peers.fill_output(512) - peers.FILL_MARGIN
+    assert peers.fill_output(512) == 256  # decoding still while the last prompts prefill
 
 
 def test_requests_are_the_same_for_every_server_and_unique():
@@ -140,9 +161,30 @@ def test_ratios_are_of_the_medians_with_the_per_round_range():
     assert c["fidelity"]["ours"]["kl_mean"] == 0.06 and c["fidelity"]["theirs"]["same_top"] == 0.9
 
 
+def test_the_memory_block_is_a_ratio_of_its_sampled_peaks():
+    r = fake_results()
+    for name, peaks in (("ours onnx-int4", (700, 720)), ("llama-server Q4_0", (900, 1000))):
+        for rnd, peak in zip(r["speed"][name], peaks, strict=True):
+            rnd["fill"] = {"cached_tokens": 16384, "rss_peak_mib": peak, "requests": 32}
+    c = report.compare(r, "onnx-int4", "Q4_0")
+    assert c["fill_rss"] == pytest.approx(710 / 950) and c["fill_tokens"] == 16384
+    assert "fill_rss" not in report.compare(r, "onnx-int4", "Q4_1")  # Q4_1 had no block
+    args = peers.parse_args(
+        ["--clients", "1,8", "--formats", "Q4_1,Q4_0", "--targets", "onnx-int4,onnx-int8"]
+    )
+    r["summary"] = report.summarize(r, args, "Q4_1")
+    text = report.format_report(r)
+    assert "RSS at 16384 cached tokens" in text
+    fastest = next(ln for ln in text.splitlines() if ln.startswith("| fastest"))
+    assert f"{710 / 950:.2f}×" in fastest
+    assert "| ours onnx-int4 | 16384 cached tokens | | | | 710 |" in text
+
+
 def test_the_report_prints_the_ratio_table():
     r = fake_results()
-    args = peers.parse_args(["--clients", "1,8", "--formats", "Q4_1,Q4_0"])
+    args = peers.parse_args(
+        ["--clients", "1,8", "--formats", "Q4_1,Q4_0", "--targets", "onnx-int4,onnx-int8"]
+    )
     r["summary"] = report.summarize(r, args, "Q4_1")
     text = report.format_report(r)
     assert "Test CPU, 2 cores, avx512f" in text
