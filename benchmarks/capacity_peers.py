@@ -3,7 +3,8 @@ standard load-test profile (loadtests/, 60% short chats, 20% long prompts, 20% l
 Poisson arrivals) keeps p95 time to first token under 1 s and the error rate under 0.1%.
 
     ours            `aimass serve` on the package `make run` serves (SmolLM2-135M-Instruct,
-                    ONNX int4 from the GGUF file's own Q4_1/Q8_0 blocks), 2 threads, 16 slots
+                    ONNX int4 from the GGUF file's own Q4_1/Q8_0 blocks, float16 KV cache),
+                    2 threads, 16 slots
     llama.cpp       `llama-server` built from source (benchmarks/_llamacpp.py) on the same GGUF
                     file, 2 threads, 16 slots (-np), continuous batching, 2048 cells a slot
 
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of each step")
     ap.add_argument("--scenario", default="standard", help="a loadtests scenario (standard)")
     ap.add_argument("--package", type=Path,
-                    default=aimass_home() / "packages" / f"{MODEL}-int4",
+                    default=aimass_home() / "packages" / f"{MODEL}-onnx-int4-kv16",
                     help="our package (default: the one `make run` exported)")  # fmt: skip
     ap.add_argument("--work", type=Path, help="default $AIMASS_HOME/bench/capacity")
     ap.add_argument(

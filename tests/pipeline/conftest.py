@@ -54,13 +54,15 @@ def registry(tmp_path, production_package) -> Registry:
 
 @pytest.fixture
 def slo(tmp_path) -> Path:
-    """Lenient for a tiny model on a busy CPU, strict for a one-slot engine under 40 req/s of
-    256-token outputs (measured: p95 TTFT ~30 ms with 32 slots, ~3 s with one)."""
+    """Lenient on time for a tiny model on a slow or busy CPU (p95 TTFT ~30 ms with 32 slots at
+    20 req/s of 256-token outputs on an AVX-512 machine, 0.7-1.5 s at 40 req/s on a slower
+    AVX2 one, where the load generator could not even send 40); strict on errors, which a
+    one-slot engine with one queue place gives at that rate on any machine."""
     path = tmp_path / "slo.json"
     path.write_text(
         json.dumps(
             {
-                "max_p95_ttft_ms": 500,
+                "max_p95_ttft_ms": 2000,
                 "max_error_rate": 0.0,
                 "min_requests": 10,
                 "min_sent_fraction": 0.5,
@@ -72,10 +74,10 @@ def slo(tmp_path) -> Path:
 
 def promote(registry: Registry, slo: Path, work: Path, *args: str, timeout: float = 240):
     """`aimass pipeline promote --name tiny` over the registry, with a short, dense load test
-    (3 s at 40 req/s of long outputs) and one ONNX Runtime thread."""
+    (3 s at 20 req/s of long outputs) and one ONNX Runtime thread."""
     return run_cli(
         "pipeline", "promote", "--name", "tiny", "--registry", registry.store.uri,
         "--slo", str(slo), "--work", str(work), "--threads", "1",
-        "--load-scenario", "long_output", "--load-rate", "40", "--load-duration", "3",
+        "--load-scenario", "long_output", "--load-rate", "20", "--load-duration", "3",
         *args, timeout=timeout,
     )  # fmt: skip
