@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default: serve the default model (SmolLM2-135M-Instruct from the
 # bundled GGUF, exported to ONNX int4 from the file's own Q4_1/Q8_0 blocks, so served as the file
 # is, its KV cache in float16 as llama.cpp's is: half the memory a cached token takes, the same
-# speed and fidelity; docs/benchmarks.md "Peers"), and pushed to the local registry on the first
-# run, through the gateway on 127.0.0.1:8000. The export must pass its parity gate: nothing is
-# forced past it. Everything lives under $AIMASS_HOME (default ~/.aimass).
+# speed over HTTP and gate figures; docs/benchmarks.md "Peers"), and pushed to the local
+# registry on the first run, through the gateway on 127.0.0.1:8000. The export must pass its
+# parity gate: nothing is forced past it. Everything lives under $AIMASS_HOME (default
+# ~/.aimass).
 AIMASS_HOME    ?= $(HOME)/.aimass
 DEFAULT_MODEL  ?= smollm2-135m-instruct
 DEFAULT_TARGET ?= onnx-int4-kv16

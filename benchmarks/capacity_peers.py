@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scenario", default="standard", help="a loadtests scenario (standard)")
     ap.add_argument("--package", type=Path,
                     default=aimass_home() / "packages" / f"{MODEL}-onnx-int4-kv16",
-                    help="our package (default: the one `make run` exported)")  # fmt: skip
+                    help="our package (default: the one `make run` exports; an install made "
+                         "before it served the float16 cache has ...-int4 instead)")  # fmt: skip
     ap.add_argument("--work", type=Path, help="default $AIMASS_HOME/bench/capacity")
     ap.add_argument(
         "--peers", type=Path, help="llama.cpp build folder (default $AIMASS_HOME/peers)"

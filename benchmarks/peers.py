@@ -77,7 +77,7 @@ from registry.manifest import load as load_manifest  # noqa: E402
 MODEL = "smollm2"
 CHECKPOINT = "smollm2-135m-instruct"
 SHIPPED = "Q4_1"  # the format of the file `aimass` imports
-FILL_MARGIN = 8  # positions left free in a slot: the "<k>. " prefix and llama-server's BOS
+FILL_MARGIN = 8  # positions a slot keeps for the block's "<k>. " prefix: 8 tokens for SmolLM2
 WARM_UP = 10**6  # the warm-up's requests are numbered from here, the measured ones from N·1000
 PROMPT_LENS = (16, 48, 96, 160, 256, 32, 64, 128)  # tokens; request k gets PROMPT_LENS[k % 8]
 PASSAGE = (
@@ -116,9 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--fill",
         type=int,
-        default=16384,
         help="cached tokens the memory block fills: --slots concurrent requests of "
-        "--fill/--slots positions each (0: no memory block)",
+        "--fill/--slots positions each (default --ctx; 0: no memory block)",
     )
     ap.add_argument("--ppl-ctx", type=int, default=256, help="llama-perplexity's chunk (-c)")
     ap.add_argument("--text", type=Path, help="held-out text for the fidelity comparison")
@@ -142,6 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"a request needs up to {longest} positions: --max-len={args.max_len} and "
             f"--ctx/--slots={args.ctx // args.slots} must both allow it"
         )
+    if args.fill is None:
+        args.fill = args.ctx
     if args.fill and not 2 * FILL_MARGIN + 16 <= args.fill // args.slots <= min(
         args.max_len, args.ctx // args.slots
     ):
@@ -234,10 +235,11 @@ def fill_output(positions: int) -> int:
     return positions // 2
 
 
-def fill_prompt(tokenizer, positions: int) -> str:
-    """The memory block's prompt: with its "<k>. " prefix and fill_output() output tokens, a
-    request holds about `positions` cached positions (FILL_MARGIN fewer at most)."""
-    n = positions - fill_output(positions) - FILL_MARGIN
+def fill_prompt(tokenizer, positions: int, bos: bool = False) -> str:
+    """The memory block's prompt: with its "<k>. " prefix, the BOS a server puts first when the
+    vocabulary adds one (`bos`), and fill_output() output tokens, a request holds `positions`
+    cached positions (the prefix is FILL_MARGIN tokens for SmolLM2; a shorter one leaves room)."""
+    n = positions - fill_output(positions) - FILL_MARGIN - int(bos)
     ids = tokenizer.encode(PASSAGE * (1 + n // 64), add_special_tokens=False).ids
     return tokenizer.decode(ids[:n])
 
@@ -446,7 +448,8 @@ def main(argv=None) -> int:
         tokenizer = Tokenizer.from_file(
             str(next(iter(packages.values()))["package"] / "tokenizer.json")
         )
-        fill = fill_prompt(tokenizer, args.fill // args.slots) if args.fill else ""
+        bos = gguf_bos(files[SHIPPED]) is not None
+        fill = fill_prompt(tokenizer, args.fill // args.slots, bos) if args.fill else ""
         results["speed"] = run_speed(args, servers, llama, prompts(tokenizer), fill)
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_s"] = time.monotonic() - start

@@ -51,6 +51,7 @@ def test_a_request_must_fit_both_servers_contexts(capsys):
 def test_the_memory_block_must_fit_a_slot_of_both_servers(capsys):
     assert peers.parse_args([]).fill == 16384  # 32 slots × 512 positions: llama-server's -c
     assert peers.parse_args(["--fill", "0"]).fill == 0  # no memory block
+    assert peers.parse_args(["--ctx", "8192", "--slots", "16"]).fill == 8192  # it follows --ctx
     with pytest.raises(SystemExit):
         peers.parse_args(["--fill", "32768"])  # 1024 a slot, llama-server's slots hold 512
     assert "--fill=32768 over 32 slots gives 1024 positions" in capsys.readouterr().err
@@ -67,6 +68,8 @@ def test_the_fill_prompt_leaves_room_for_its_output():
     text = peers.fill_prompt(Words(), 512)
     assert len(text.split()) == 512 - peers.fill_output(512) - peers.FILL_MARGIN
     assert peers.fill_output(512) == 256  # decoding still while the last prompts prefill
+    with_bos = peers.fill_prompt(Words(), 512, bos=True)  # the server puts a BOS first
+    assert len(with_bos.split()) == len(text.split()) - 1
 
 
 def test_requests_are_the_same_for_every_server_and_unique():

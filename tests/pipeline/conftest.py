@@ -55,9 +55,9 @@ def registry(tmp_path, production_package) -> Registry:
 @pytest.fixture
 def slo(tmp_path) -> Path:
     """Lenient on time for a tiny model on a slow or busy CPU (p95 TTFT ~30 ms with 32 slots at
-    20 req/s of 256-token outputs on an AVX-512 machine, 0.7-1.5 s at 40 req/s on a slower
-    AVX2 one, where the load generator could not even send 40); strict on errors, which a
-    one-slot engine with one queue place gives at that rate on any machine."""
+    40 req/s of 256-token outputs on an AVX-512 machine, 0.7-1.5 s on a slower AVX2 one, where
+    the load generator could not even send 40; the tests load 20); strict on errors, which a
+    one-slot engine with one queue place gives at 40 req/s on any machine."""
     path = tmp_path / "slo.json"
     path.write_text(
         json.dumps(
