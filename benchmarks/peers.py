@@ -24,7 +24,7 @@ sent → first token received (median over requests); inter-token latency = (las
 token) / (tokens − 1) per request (median); the server's peak RSS (VmRSS sampled every 50 ms
 while the N clients run; VmHWM, the process's lifetime peak, at the end). Figures are medians
 over rounds; a ratio is ours / theirs of the medians, with the range of the per-round ratios.
-Memory block (--fill, default 16384 = llama-server's -c): --slots requests at once, each of
+Memory block (--fill, default --ctx: llama-server's cells): --slots requests at once, each of
 --fill/--slots positions (half prompt, half output, so that all are cached together), the
 server's peak RSS sampled while they run: memory at a full cache, which llama-server allocates
 up front and ours grows into.
