@@ -105,6 +105,24 @@ def one_round(core, args, rng: random.Random, tag: str, vocab: int) -> dict:
     }
 
 
+def warm_up(core) -> None:
+    """One short request through `core`, then the wait for its weights' huge-page collapse
+    (a thread the first forward starts, engine/runner.py): without it, each engine's first
+    steady window shares the cores with that copy, and its p99 with it."""
+    from engine.request import EngineRequest, SamplingParams
+
+    core.add(
+        EngineRequest(
+            "warm-up", (1000, 1001, 1002, 1003), 4, sampling=SamplingParams(temperature=0)
+        )
+    )
+    while core.has_work():
+        core.step()
+    collapser = getattr(core.runner, "_collapser", None)
+    if collapser is not None:
+        collapser.join()
+
+
 def equal(a: dict, b: dict) -> str:
     """How many streams (over the tokens both runs produced) and long prompts produced the
     same tokens in two runs."""
@@ -230,11 +248,14 @@ def main(argv=None) -> int:
     variants = {"old policy": EngineConfig(**base)}
     for cap in args.caps:
         variants[f"cap {cap}"] = EngineConfig(**base, max_prefill_tokens=cap)
-    variants[f"cap {args.caps[0]} + mixed"] = EngineConfig(
-        **base, max_prefill_tokens=args.caps[0], mixed_forwards=True
-    )
+    for cap in args.caps:
+        variants[f"cap {cap} + mixed"] = EngineConfig(
+            **base, max_prefill_tokens=cap, mixed_forwards=True
+        )
     cores = {name: open_core(args.package, config)[0] for name, config in variants.items()}
     vocab = next(iter(cores.values())).runner.vocab_size
+    for core in cores.values():
+        warm_up(core)
     merged: list[int] = []  # the chunks of each mixed forward the mixed engine ran
     names = list(cores)
     count_mixed(cores[names[-1]].runner, merged)
@@ -253,7 +274,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
         this = {n: results[n][-1] for n in names}
-        twin = f"cap {args.caps[0]}"
+        twin = f"cap {args.caps[-1]}"
         print(
             f"round {r}: streams whose tokens equal the old policy's: "
             + ", ".join(f"{n} {equal(this[n], this[names[0]])}" for n in names[1:])

@@ -84,8 +84,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--mixed-forwards",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="run decodes and prompt chunks of different lengths in one right-padded forward "
-        "where that costs less than separate ones (ONNX targets)",
+        help="run decodes and prompt chunks of different lengths in one packed forward "
+        "(projections on real tokens only) where that costs less than separate ones "
+        "(ONNX targets)",
     )
 
 

@@ -33,10 +33,19 @@ Mixed forwards (`mixed=True`): ONNX Runtime 1.32's GroupQueryAttention has an op
 `query_seqlens`, each row's real tokens in a right-padded chunk; with it one forward may carry
 decodes, later chunks and first prompts on different pasts (exact: tests/engine/
 test_mixed_prefill.py), and a row of 0 tokens is idle. The exported graph does not take it, so
-a mixed runner adds it at load, and merges two neighbouring forwards of the plan above where
-the padded one costs fewer rows than the forward it saves (`_cost`). Padding is computed like
-real tokens, so that is rare: 8 decodes beside a one-token chunk merge, beside 16 tokens they
-do not (9 × 16 rows against 8 + 16).
+a mixed runner rewrites the graph at load (`_packed_graph`) into a packed layout: the tokens of
+every row travel as one sequence [1, T] through the embedding, norms and projections, which
+compute real tokens only, and only attention sees them right-padded, [B, S], through a Gather
+on either side of each GroupQueryAttention:
+
+    input_ids [1, T] ─ … ─ q|k|v [T, ·] ─ Gather(pad_idx [B, S]) ─ GQA [B, S, ·]
+                           ─ Gather(pack_idx [1, T]) ─ o [1, T, ·] ─ … ─ logits_idx into T
+
+`forward()` keeps the padded interface of every runner and packs at the call. A mixed runner
+merges two neighbouring forwards of the plan above where the merged one costs less (`_cost`):
+the projections cost the same tokens either way, so a merge saves a forward's own cost and pays
+for the padded attention positions (each reads its row's cached keys): 8 decodes beside a
+16-token chunk merge; beside a 248-token one they do not.
 
 Dims come from the graph's inputs, so the engine needs no model code. The exporter's parity
 harness (exporters/runner.py) runs the same forward, so parity is measured on what serves.
@@ -76,13 +85,24 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # GroupQueryAttention's optional input (ONNX Runtime 1.32) giving each row's number of real
 # tokens in a right-padded chunk: with it, rows of different lengths on different pasts run in
 # one forward, and a row of 0 tokens is idle (its cache untouched). The exported graph does not
-# take it (engine/graph.py, contract 1); a runner built with mixed=True adds it at load.
+# take it (engine/graph.py, contract 1); a runner built with mixed=True adds it at load, with
+# the packed layout's two index inputs (module doc): PAD_IDX [B, S], each padded position's
+# token in the packed axis (a padding position names any token: its attention output is
+# dropped); PACK_IDX [1, T], each packed token's position in the flat B*S axis.
 QUERY_SEQLENS = "query_seqlens"
+PAD_IDX, PACK_IDX = "pad_idx", "pack_idx"
+TOKENS = "tokens"  # the packed axis' symbolic dimension
 _GQA_QUERY_SEQLENS = 16  # its position among GroupQueryAttention's inputs
 # A forward costs about FORWARD_ROWS rows of work of its own (the same measure as MAX_DUMMY_GAP:
-# ~2.5 ms + ~1.2 ms a row on SmolLM2-135M int4, 2 cores): a mixed forward, padded to its longest
-# chunk, replaces two only where its padding and idle rows cost less than the forward it saves.
+# ~2.5 ms + ~1.2 ms a row on SmolLM2-135M int4, 2 cores): a mixed forward replaces two only
+# where its padded attention positions cost less than the forward it saves.
 FORWARD_ROWS = 2
+# A padded attention position reading k cached keys costs about k / PAD_KEYS_PER_ROW rows.
+# Measured (benchmarks/engine_mixed.py, SmolLM2-135M int4 with a float16 cache, 2 cores, 8
+# decodes at 300 cached tokens beside a chunk of n on a 512-token past): one packed forward
+# took 0.66-0.77x the two apart for n = 1..32, 1.02x at n = 64 (8 x 63 padded positions
+# reading ~364 keys each: ~183 k keys, about two rows' worth at this value) and 1.20x at 248.
+PAD_KEYS_PER_ROW = 65536
 
 # runs one forward's chunks → (request ids, their logits)
 Forward = Callable[[Sequence[ScheduledChunk]], tuple[list[str], np.ndarray]]
@@ -323,7 +343,7 @@ class OrtRunner(StepRunner):
         opts.enable_cpu_mem_arena = False
         providers = check_provider(provider)
         before = anonymous_regions() if huge_pages else set()
-        model = _with_query_seqlens(Path(path), opts) if mixed else str(path)
+        model = _packed_graph(Path(path), opts) if mixed else str(path)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = _DEVICE.get(self.provider, "cuda")
@@ -424,23 +444,36 @@ class OrtRunner(StepRunner):
     ) -> np.ndarray:
         """StepRunner.forward: the rows' cache buffers are bound by pointer offset, so no slot
         is copied. `query_seqlens` [B], each row's real tokens (0: an idle row), needs a runner
-        built with mixed=True; by default a row's are min(S, its total length)."""
+        built with mixed=True; by default a row's are min(S, its total length). A mixed runner
+        computes only those: it packs them here (module doc); a logits_idx on a padding
+        position reads the row of the real token before it."""
         B, S = input_ids.shape
         seqlens_k = np.ascontiguousarray(seqlens_k, dtype=np.int32)
         total = max(int(seqlens_k.max()) + 1, S)
         rows = self._check_forward(B, S, rows, total)
-        inputs = self._bind(B, S, len(logits_idx), rows.start)
-        arrays = inputs.arrays
-        arrays[graph.INPUT_IDS][...] = input_ids
+        if not self.mixed:
+            if query_seqlens is not None:
+                raise ValueError("query_seqlens needs a runner built with mixed=True")
+            arrays = self._bind(B, S, len(logits_idx), rows.start).arrays
+            arrays[graph.INPUT_IDS][...] = input_ids
+            arrays[graph.LOGITS_IDX][...] = logits_idx
+        else:  # the packed layout (module doc): only each row's first `real` tokens are computed
+            real = np.minimum(S, seqlens_k + 1) if query_seqlens is None else query_seqlens
+            real = np.asarray(real, np.int32)
+            flat = (np.arange(S) < real[:, None]).ravel()
+            tokens = np.flatnonzero(flat)
+            if not len(tokens):
+                raise ValueError("query_seqlens must give at least one row a token")
+            packed_at = np.maximum(np.cumsum(flat) - 1, 0)  # a position's token in the packed axis
+            arrays = self._bind(B, S, len(logits_idx), rows.start, len(tokens)).arrays
+            arrays[graph.INPUT_IDS][0] = np.asarray(input_ids).ravel()[tokens]
+            arrays[PAD_IDX][...] = packed_at.reshape(B, S)
+            arrays[PACK_IDX][0] = tokens
+            arrays[QUERY_SEQLENS][...] = real
+            arrays[graph.LOGITS_IDX][...] = packed_at[logits_idx]
         arrays[graph.POSITION_IDS][...] = positions
         arrays[graph.SEQLENS_K][...] = seqlens_k
         arrays[graph.TOTAL_SEQUENCE_LENGTH][...] = total
-        arrays[graph.LOGITS_IDX][...] = logits_idx
-        if self.mixed:
-            default = np.minimum(S, seqlens_k + 1)
-            arrays[QUERY_SEQLENS][...] = default if query_seqlens is None else query_seqlens
-        elif query_seqlens is not None:
-            raise ValueError("query_seqlens needs a runner built with mixed=True")
         self.session.run_with_iobinding(self.binding)
         self.lengths[rows.start : rows.stop] = seqlens_k + 1
         if self._advised is not None:
@@ -467,14 +500,13 @@ class OrtRunner(StepRunner):
         lo, B = decodes[0].slot, len(decodes)
         longest = max(c.start for c in decodes) + 1
         self._check_forward(B, 1, range(lo, lo + B), longest)
-        ids, positions, seqlens_k, total, logits_idx, *query_seqlens = self._bind(B, 1, B, lo).views
+        # a mixed runner's packed inputs for B single tokens are set once (_Inputs): the
+        # identity, one token a row
+        ids, positions, seqlens_k, total, logits_idx = self._bind(B, 1, B, lo, B).views
         for i, c in enumerate(decodes):
             ids[i] = c.token_ids[0]
             positions[i] = seqlens_k[i] = c.start
             logits_idx[i] = i
-        for q in query_seqlens:  # a mixed runner: one real token a row
-            for i in range(B):
-                q[i] = 1
         total[()] = longest
         self.session.run_with_iobinding(self.binding)
         lengths = self._lengths_view
@@ -484,7 +516,7 @@ class OrtRunner(StepRunner):
 
     def _forwards(self, step: SchedulerOutput) -> list[tuple[Forward, list[ScheduledChunk]]]:
         """StepRunner._forwards, then, on a mixed runner, neighbouring forwards (by slot) merged
-        into one right-padded forward wherever that costs less (`_merge_cost`): decodes with a
+        into one packed forward wherever that costs less (`_cost`): decodes with a
         prompt chunk on a past, first prompts with later chunks, runs apart by a few slots."""
         planned = super()._forwards(step)
         if not self.mixed or len(planned) < 2:
@@ -503,22 +535,27 @@ class OrtRunner(StepRunner):
         return [(by_group.get(id(g), self._mixed), g) for g in merged]
 
     def _cost(self, chunks: Sequence[ScheduledChunk]) -> float:
-        """A mixed forward's work in rows (FORWARD_ROWS + B × S, padding and idle rows
-        computed like real ones); infinite where a row's past + S passes the cache."""
+        """A packed forward's work in rows: FORWARD_ROWS, a row per real token, and the padded
+        attention positions (idle rows' too), each reading its row's past and the chunk's S
+        keys, at PAD_KEYS_PER_ROW keys a row; infinite where a row's past + S passes the
+        cache."""
         lo = min(c.slot for c in chunks)
         hi = max(c.slot for c in chunks)
         S = max(c.n_tokens for c in chunks)
         past = self.lengths[lo : hi + 1].copy()
+        real = np.zeros(hi - lo + 1, np.int64)
         for c in chunks:
-            past[c.slot - lo] = c.start
+            past[c.slot - lo], real[c.slot - lo] = c.start, c.n_tokens
         if int(past.max()) + S > self.max_len:
             return float("inf")
-        return FORWARD_ROWS + (hi - lo + 1) * S
+        padded_keys = int(((S - real) * (past + S)).sum())
+        return FORWARD_ROWS + int(real.sum()) + padded_keys / PAD_KEYS_PER_ROW
 
     def _mixed(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[str], np.ndarray]:
         """One forward over the slots lo..hi of `chunks`, whatever their kinds: row r carries
-        its chunk's tokens right-padded to the longest, on its past; a slot in the range with
-        no chunk is an idle row (0 tokens: its cache and length unchanged)."""
+        its chunk's tokens right-padded to the longest (forward() packs them), on its past; a
+        slot in the range with no chunk is an idle row (0 tokens: its cache and length
+        unchanged)."""
         by_slot = {c.slot: c for c in chunks}
         lo, hi = min(by_slot), max(by_slot)
         B, S = hi - lo + 1, max(c.n_tokens for c in chunks)
@@ -542,16 +579,17 @@ class OrtRunner(StepRunner):
         self.lengths[lo : hi + 1][idle] = keep[idle]
         return (ids_out, logits) if wanted else ([], logits[:0])
 
-    def _bind(self, B: int, S: int, N: int, first_slot: int) -> _Inputs:
-        """Binds the inputs of a (B, S) forward sampling N rows, the KV rows of slots
-        first_slot .. first_slot + B - 1 and a logits buffer, each only where the last forward
-        bound something else; returns the inputs for the caller to fill."""
+    def _bind(self, B: int, S: int, N: int, first_slot: int, T: int = 0) -> _Inputs:
+        """Binds the inputs of a (B, S) forward sampling N rows (on a mixed runner, of T real
+        tokens), the KV rows of slots first_slot .. first_slot + B - 1 and a logits buffer,
+        each only where the last forward bound something else; returns the inputs for the
+        caller to fill."""
         b = self.binding
-        key = (B, S, N)
+        key = (B, S, N, T if self.mixed else 0)
         inputs = self._inputs.get(key)
         if inputs is None:  # decode shapes are bound once; a step only writes into them
             inputs = _Inputs(*key, mixed=self.mixed)
-            if S == 1:  # prompt shapes vary too much to keep
+            if S == 1 and T in (0, B):  # prompt shapes vary too much to keep
                 self._inputs[key] = inputs
         if inputs is not self._bound_inputs:
             for name, value in inputs.ortvalues.items():
@@ -572,40 +610,72 @@ class OrtRunner(StepRunner):
 
 
 class _Inputs:
-    """The graph's small inputs for one (B, S, N) shape, as numpy arrays shared with the
-    OrtValues bound to them: a step writes values in place and binds nothing (binding five
-    arrays each step costs ~0.15 ms, 1–2% of a batch-1 decode step)."""
+    """The graph's small inputs for one (B, S, N) shape (on a mixed runner, of T packed
+    tokens), as numpy arrays shared with the OrtValues bound to them: a step writes values in
+    place and binds nothing (binding five arrays each step costs ~0.15 ms, 1–2% of a batch-1
+    decode step)."""
 
-    def __init__(self, B: int, S: int, N: int, mixed: bool = False):
+    def __init__(self, B: int, S: int, N: int, T: int = 0, mixed: bool = False):
         self.arrays = {
-            graph.INPUT_IDS: np.zeros((B, S), np.int64),
+            graph.INPUT_IDS: np.zeros((1, T) if mixed else (B, S), np.int64),
             graph.POSITION_IDS: np.zeros((B, S), np.int64),
             graph.SEQLENS_K: np.zeros(B, np.int32),
             graph.TOTAL_SEQUENCE_LENGTH: np.zeros((), np.int32),
             graph.LOGITS_IDX: np.zeros(N, np.int64),
         }
-        if mixed:
-            self.arrays[QUERY_SEQLENS] = np.zeros(B, np.int32)
-        self.ortvalues = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
         # the same memory, flat, in the order above: OrtRunner._decode_slots writes through it
         self.views = tuple(memoryview(v.reshape(-1) if v.ndim else v) for v in self.arrays.values())
+        if mixed:  # B single tokens (a decode shape) pack as themselves: set here, once
+            one_each = S == 1 and T == B
+            self.arrays[QUERY_SEQLENS] = np.full(B, 1 if one_each else 0, np.int32)
+            self.arrays[PAD_IDX] = np.arange(B, dtype=np.int64)[:, None].repeat(S, 1)
+            self.arrays[PACK_IDX] = np.arange(T, dtype=np.int64)[None]
+        self.ortvalues = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
 
 
-def _with_query_seqlens(path: Path, opts: ort.SessionOptions) -> bytes:
-    """The graph at `path` with QUERY_SEQLENS [batch] as an input of every GroupQueryAttention
-    node, serialized; its weights stay in their external file, which `opts` is pointed at."""
+def _packed_graph(path: Path, opts: ort.SessionOptions) -> bytes:
+    """The graph at `path` in the packed layout (module doc), serialized: input_ids [1, T];
+    QUERY_SEQLENS [B], PAD_IDX [B, S] and PACK_IDX [1, T] added as inputs; each
+    GroupQueryAttention's q|k|v gathered into [B, S] before it and its output packed back
+    after it. The weights stay in their external file, which `opts` is pointed at."""
     import onnx  # deferred: onnx parses the graph only for a mixed runner
+    from onnx import TensorProto, helper  # deferred with onnx, above
 
     model = onnx.load(str(path), load_external_data=False)
-    int32 = onnx.TensorProto.INT32
-    model.graph.input.append(
-        onnx.helper.make_tensor_value_info(QUERY_SEQLENS, int32, [graph.BATCH])
-    )
-    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    g = model.graph
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     if not attention:
         raise ValueError(f"{path} has no GroupQueryAttention node to take {QUERY_SEQLENS}")
-    for node in attention:
+    ids = next(i for i in g.input if i.name == graph.INPUT_IDS)
+    ids.CopyFrom(helper.make_tensor_value_info(graph.INPUT_IDS, TensorProto.INT64, [1, TOKENS]))
+    g.input.extend(
+        [
+            helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT32, [graph.BATCH]),
+            helper.make_tensor_value_info(PAD_IDX, TensorProto.INT64, [graph.BATCH, graph.SEQ]),
+            helper.make_tensor_value_info(PACK_IDX, TensorProto.INT64, [1, TOKENS]),
+        ]
+    )
+    nodes = []
+    for node in g.node:
+        if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
+            continue
+        x, y, name = node.input[0], node.output[0], node.name
+        # q|k|v [1, T, ·] → [T, ·] → [B, S, ·]; the output [B, S, ·] → [B*S, ·] → [1, T, ·]
+        nodes.append(helper.make_node("Flatten", [x], [f"{x}.tokens"], f"{name}.flat_in", axis=2))
+        nodes.append(
+            helper.make_node("Gather", [f"{x}.tokens", PAD_IDX], [f"{x}.padded"], f"{name}.pad")
+        )
+        node.input[0] = f"{x}.padded"
         node.input.extend([""] * (_GQA_QUERY_SEQLENS - len(node.input)) + [QUERY_SEQLENS])
+        node.output[0] = f"{y}.padded"
+        nodes.append(node)
+        nodes.append(
+            helper.make_node("Flatten", [f"{y}.padded"], [f"{y}.rows"], f"{name}.flat_out", axis=2)
+        )
+        nodes.append(helper.make_node("Gather", [f"{y}.rows", PACK_IDX], [y], f"{name}.pack"))
+    del g.node[:]
+    g.node.extend(nodes)
     folder = "session.model_external_initializers_file_folder_path"
     opts.add_session_config_entry(folder, str(path.parent))
     return model.SerializeToString()

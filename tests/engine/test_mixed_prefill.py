@@ -205,3 +205,125 @@ def test_the_cli_refuses_a_negative_prefill_cap_in_one_line(tiny_package):
     r = run_cli("engine", "serve", str(tiny_package), "--max-prefill-tokens", "-3")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "EngineConfig.max_prefill_tokens = -3 must be >= 0 (0 is no limit" in r.stderr
+
+
+def packed_and_plain(tiny_package, n_slots=4):
+    path = tiny_package / "onnx-fp32" / "model.onnx"
+    return OrtRunner(path, n_slots, 64, mixed=True), OrtRunner(path, n_slots, 64)
+
+
+def fill(runner, prompts):
+    for slot, ids in enumerate(prompts):
+        n = len(ids)
+        runner.forward(
+            np.array([ids]),
+            np.arange(n)[None],
+            np.array([n - 1]),
+            np.array([n - 1]),
+            range(slot, slot + 1),
+        )
+
+
+def cache_rows(runner, n_tokens):
+    """Every layer's and kind's cached positions of each slot, up to its length."""
+    return [
+        [array[slot, :, :n].copy() for slot, n in enumerate(n_tokens)]
+        for array in runner._host_kv.arrays.values()
+    ]
+
+
+def test_the_packed_layout_computes_only_real_tokens_and_matches_the_forwards_apart(tiny_package):
+    """Two decodes, a 5-token chunk on a past, an idle slot and a 3-token first prompt in one
+    packed forward: the logits of the three forwards apart (the projections see 1 + 1 + 5 + 3
+    tokens, so batch-dependent rounding may move a last bit) and the same cache; the idle slot
+    keeps its length and its positions."""
+    rng = np.random.default_rng(1)
+    vocab = 40
+    prompts = [rng.integers(3, vocab, n).tolist() for n in (6, 9, 4, 1)]
+    packed, plain = packed_and_plain(tiny_package, 5)
+    fill(packed, prompts)
+    fill(plain, prompts)
+    new = [[7], [8], rng.integers(3, vocab, 5).tolist(), None, rng.integers(3, vocab, 3).tolist()]
+    # apart: the decodes (slots 0, 1), the chunk (slot 2, batch 1), the first prompt (slot 4)
+    want = [
+        plain.forward(
+            np.array([[7], [8]]), np.array([[6], [9]]), np.array([6, 9]), np.arange(2), range(0, 2)
+        ).copy()
+    ]
+    want.append(
+        plain.forward(
+            np.array([new[2]]), (4 + np.arange(5))[None], np.array([8]), np.arange(5), range(2, 3)
+        ).copy()
+    )
+    want.append(
+        plain.forward(
+            np.array([new[4]]), np.arange(3)[None], np.array([2]), np.array([2]), range(4, 5)
+        ).copy()
+    )
+    # together, right-padded to 5 as every caller of forward() gives it
+    ids = np.zeros((5, 5), np.int64)
+    real = np.array([1, 1, 5, 0, 3], np.int32)
+    past = np.array([6, 9, 4, 1, 0])
+    for r, tokens in enumerate(new):
+        if tokens:
+            ids[r, : len(tokens)] = tokens
+    wanted = [
+        0,
+        5,
+        *range(10, 15),
+        22,
+    ]  # flat B*S positions: both decodes, every chunk token, the prompt's last
+    got = packed.forward(
+        ids,
+        past[:, None] + np.arange(5),
+        np.maximum(past + real - 1, 0),
+        np.array(wanted),
+        range(0, 5),
+        real,
+    )
+    expected = np.concatenate(want)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    lengths = [7, 10, 9, 1, 3]
+    assert packed.lengths.tolist() == plain.lengths.tolist() == lengths
+    for a, b in zip(cache_rows(packed, lengths), cache_rows(plain, lengths), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_decodes_are_the_plain_runner_s_to_the_bit(tiny_package):
+    """Single tokens pack as themselves: the projections see the same batch, so a packed
+    decode step gives the plain one's logits exactly (the decode fast path and forward())."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 40, n).tolist() for n in (3, 8, 5, 2)]
+    packed, plain = packed_and_plain(tiny_package)
+    fill(packed, prompts)
+    fill(plain, prompts)
+    from engine.scheduler import ScheduledChunk
+
+    decodes = [ScheduledChunk(f"d{s}", s, len(p), (9 + s,), True) for s, p in enumerate(prompts)]
+    np.testing.assert_array_equal(packed._decode(decodes)[1], plain._decode(decodes)[1])
+    gapped = [decodes[0], decodes[2], decodes[3]]  # a dummy row for slot 1: forward()
+    np.testing.assert_array_equal(packed._decode(gapped)[1], plain._decode(gapped)[1])
+    assert packed.lengths.tolist() == plain.lengths.tolist()
+
+
+def test_merging_weighs_the_padded_attention_positions(tiny_package, monkeypatch):
+    """8 decodes beside a short chunk merge into one packed forward; beside a chunk long
+    enough that its padded attention positions cost more than a forward, they do not. (The
+    tiny graph holds 128 positions, too few for SmolLM2's threshold: a cheaper key is set.)"""
+    from engine import runner as runner_module
+    from engine.scheduler import ScheduledChunk, SchedulerOutput
+
+    monkeypatch.setattr(runner_module, "PAD_KEYS_PER_ROW", 1000)
+    runner = OrtRunner(tiny_package / "onnx-fp32" / "model.onnx", 9, 128, mixed=True)
+    runner.lengths[:8], runner.lengths[8] = 60, 40
+    decodes = tuple(ScheduledChunk(f"d{i}", i, 60, (5,), True) for i in range(8))
+
+    def forwards(n: int) -> int:
+        chunk = ScheduledChunk("p", 8, 40, tuple(range(3, 3 + n)), False)
+        return len(runner._forwards(SchedulerOutput({}, decodes, (), (chunk,), ())))
+
+    # padded keys: 8 rows x (n - 1) positions x (60 + n) keys, against 2 rows x 1000
+    assert forwards(1) == 1 and forwards(4) == 1  # 0 and 1536 keys
+    assert forwards(16) == 2  # 9120 keys
