@@ -101,7 +101,8 @@ FORWARD_ROWS = 2
 # Measured (benchmarks/engine_mixed.py, SmolLM2-135M int4 with a float16 cache, 2 cores, 8
 # decodes at 300 cached tokens beside a chunk of n on a 512-token past): one packed forward
 # took 0.66-0.77x the two apart for n = 1..32, 1.02x at n = 64 (8 x 63 padded positions
-# reading ~364 keys each: ~183 k keys, about two rows' worth at this value) and 1.20x at 248.
+# reading ~364 keys each: ~183 k keys, 2.8 rows at this value, above FORWARD_ROWS: not merged)
+# and 1.20x at 248.
 PAD_KEYS_PER_ROW = 65536
 
 # runs one forward's chunks → (request ids, their logits)
@@ -395,7 +396,7 @@ class OrtRunner(StepRunner):
             self._kv_ptr = {name: v.data_ptr() for name, v in self._device_kv.items()}
         self.binding = self.session.io_binding()
         self._bound_rows: tuple[int, int] | None = None  # (first slot, B) the KV is bound for
-        self._inputs: dict[tuple[int, int, int], _Inputs] = {}  # decode shapes, by (B, 1, N)
+        self._inputs: dict[tuple[int, ...], _Inputs] = {}  # decode shapes, by (B, 1, N, T)
         self._bound_inputs: _Inputs | None = None
         self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
@@ -589,7 +590,9 @@ class OrtRunner(StepRunner):
         inputs = self._inputs.get(key)
         if inputs is None:  # decode shapes are bound once; a step only writes into them
             inputs = _Inputs(*key, mixed=self.mixed)
-            if S == 1 and T in (0, B):  # prompt shapes vary too much to keep
+            # prompt shapes vary too much to keep; a mixed runner's one-token shapes are at
+            # most (B, T <= B) pairs, merged decode runs around idle rows among them
+            if S == 1:
                 self._inputs[key] = inputs
         if inputs is not self._bound_inputs:
             for name, value in inputs.ortvalues.items():
@@ -612,7 +615,8 @@ class OrtRunner(StepRunner):
 class _Inputs:
     """The graph's small inputs for one (B, S, N) shape (on a mixed runner, of T packed
     tokens), as numpy arrays shared with the OrtValues bound to them: a step writes values in
-    place and binds nothing (binding five arrays each step costs ~0.15 ms, 1–2% of a batch-1
+    place and binds nothing (binding five arrays, eight on a mixed runner, each step costs ~0.15
+    ms, 1–2% of a batch-1
     decode step)."""
 
     def __init__(self, B: int, S: int, N: int, T: int = 0, mixed: bool = False):
