@@ -13,10 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from engine import runner as runner_module
 from engine.cli import add_engine_arguments, engine_config
 from engine.loader import EngineConfig, open_core
 from engine.request import EngineRequest, SamplingParams
 from engine.runner import OrtRunner
+from engine.scheduler import ScheduledChunk, SchedulerOutput
 from tests.conftest import run_cli
 
 H, K, HD, M = 4, 2, 16, 64  # query heads, kv heads, head dim, cache positions
@@ -267,12 +269,8 @@ def test_the_packed_layout_computes_only_real_tokens_and_matches_the_forwards_ap
     for r, tokens in enumerate(new):
         if tokens:
             ids[r, : len(tokens)] = tokens
-    wanted = [
-        0,
-        5,
-        *range(10, 15),
-        22,
-    ]  # flat B*S positions: both decodes, every chunk token, the prompt's last
+    # flat B*S positions: both decodes, every chunk token, the prompt's last
+    wanted = [0, 5, *range(10, 15), 22]
     got = packed.forward(
         ids,
         past[:, None] + np.arange(5),
@@ -299,8 +297,6 @@ def test_packed_decodes_are_the_plain_runner_s_to_the_bit(tiny_package):
     packed, plain = packed_and_plain(tiny_package)
     fill(packed, prompts)
     fill(plain, prompts)
-    from engine.scheduler import ScheduledChunk
-
     decodes = [ScheduledChunk(f"d{s}", s, len(p), (9 + s,), True) for s, p in enumerate(prompts)]
     np.testing.assert_array_equal(packed._decode(decodes)[1], plain._decode(decodes)[1])
     gapped = [decodes[0], decodes[2], decodes[3]]  # a dummy row for slot 1: forward()
@@ -312,9 +308,6 @@ def test_merging_weighs_the_padded_attention_positions(tiny_package, monkeypatch
     """8 decodes beside a short chunk merge into one packed forward; beside a chunk long
     enough that its padded attention positions cost more than a forward, they do not. (The
     tiny graph holds 128 positions, too few for SmolLM2's threshold: a cheaper key is set.)"""
-    from engine import runner as runner_module
-    from engine.scheduler import ScheduledChunk, SchedulerOutput
-
     monkeypatch.setattr(runner_module, "PAD_KEYS_PER_ROW", 1000)
     runner = OrtRunner(tiny_package / "onnx-fp32" / "model.onnx", 9, 128, mixed=True)
     runner.lengths[:8], runner.lengths[8] = 60, 40
